@@ -1,0 +1,1 @@
+"""Console scripts (instseg-eval, ...). Not named `cli`: Kedro reserves <package>.cli."""

@@ -1,0 +1,4 @@
+"""Ingestion: a raw source becomes the canonical tables."""
+from .pipeline import create_pipeline
+
+__all__ = ["create_pipeline"]

@@ -1,0 +1,41 @@
+"""Ingestion nodes: thin adapters between the catalog and the Kedro-free readers."""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from instseg_pipeline import statistics
+from instseg_pipeline.quality import QualityReport
+from instseg_pipeline.sources.registry import read_source
+from instseg_pipeline.split import assign_splits
+from instseg_pipeline.tables import check_tables
+
+logger = logging.getLogger(__name__)
+
+
+def ingest_source(source: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Read the configured source into the three tables and a data-quality report."""
+    report = QualityReport(source["type"], source.get("on_invalid", "skip"))
+    tables = read_source(source, report)
+    check_tables(tables.images, tables.instances, tables.categories)
+    summary = report.summary(tables.images, tables.instances)
+    logger.info("ingested %d images, %d instances (%d crowd) from %s", summary["images"],
+                summary["instances"], summary["crowd_instances"], source["type"])
+    return tables.images, tables.instances, tables.categories, summary
+
+
+def split_images(images: pd.DataFrame, ingestion: dict) -> pd.DataFrame:
+    """Keep the source's split, else split by hashed image id (``val_fraction``)."""
+    return assign_splits(images, ingestion["val_fraction"], ingestion.get("split_seed", 0))
+
+
+def compute_dataset_statistics(images: pd.DataFrame, instances: pd.DataFrame,
+                               categories: pd.DataFrame) -> dict:
+    """Per-split counts by class, size bucket, crowd and instances per image."""
+    return statistics.dataset_statistics(images, instances, categories)
+
+
+def plot_dataset_statistics(stats: dict):
+    """The statistics as a matplotlib figure."""
+    return statistics.plot_statistics(stats)

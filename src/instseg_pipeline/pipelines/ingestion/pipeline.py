@@ -1,0 +1,18 @@
+"""Raw source -> images / instances / categories, a quality report and statistics."""
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import compute_dataset_statistics, ingest_source, plot_dataset_statistics, split_images
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline([
+        Node(ingest_source, "params:source",
+             ["unsplit_images", "instances", "categories", "data_quality_report"],
+             name="ingest_source"),
+        Node(split_images, ["unsplit_images", "params:ingestion"], "images",
+             name="split_images"),
+        Node(compute_dataset_statistics, ["images", "instances", "categories"],
+             "dataset_statistics", name="compute_dataset_statistics"),
+        Node(plot_dataset_statistics, "dataset_statistics", "dataset_statistics_plot",
+             name="plot_dataset_statistics"),
+    ])

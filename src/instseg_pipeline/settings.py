@@ -1,0 +1,10 @@
+"""Project settings: configuration loading (soft-merged environments) and hooks."""
+from kedro.config import OmegaConfigLoader
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # An env (coco, cityscapes, ...) overrides single keys of `source`, not the whole block.
+    "merge_strategy": {"parameters": "soft"},
+}

@@ -1,0 +1,189 @@
+"""COCO instances json + image folder -> canonical tables.
+
+Kept as in the file: image ids, annotation ids, (possibly non-contiguous) category ids,
+images without annotations, crowd regions (flagged ``iscrowd``). Polygons (multi-part too),
+uncompressed and compressed RLE all become one compressed RLE of the full image size.
+
+Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
+- always fail: unreadable json, duplicate image / annotation / category ids, an annotation
+  whose image_id or category_id is not declared — the file itself is inconsistent;
+- skip or fail: an unusable image file (missing, empty, not an image, truncated, too many
+  pixels, size different from the json) with all its annotations, and an unusable
+  annotation (bad polygon, bad RLE, bad bbox, empty mask).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from instseg_pipeline import masks
+from instseg_pipeline.images import (DEFAULT_MAX_PIXELS, ImageProblem, load_image,
+                                     needs_exif_override, probe_image)
+from instseg_pipeline.quality import IngestionError, QualityReport
+from instseg_pipeline.sources import SourceTables
+from instseg_pipeline.tables import make_categories, make_images, make_instances
+
+logger = logging.getLogger(__name__)
+
+
+def load_json(path: Path) -> dict:
+    """Parse a COCO json file, raising `IngestionError` that names the file."""
+    if not path.is_file():
+        raise IngestionError(f"{path}: annotation file not found")
+    try:
+        with path.open("rb") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IngestionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise IngestionError(f"{path}: not a COCO instances file (no 'images' list)")
+    for key in ("annotations", "categories"):
+        if not isinstance(data.get(key, []), list):
+            raise IngestionError(f"{path}: '{key}' must be a list")
+    return data
+
+
+def _require_unique(records: list[dict], what: str, path: Path) -> None:
+    counts = Counter(r.get("id") for r in records)
+    dupes = sorted(str(k) for k, n in counts.items() if n > 1)
+    if dupes:
+        raise IngestionError(f"{path}: duplicate {what} ids {', '.join(dupes[:10])}")
+
+
+def _check_references(data: dict, path: Path) -> None:
+    image_ids = {im.get("id") for im in data["images"]}
+    category_ids = {c.get("id") for c in data.get("categories", [])}
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") not in image_ids:
+            raise IngestionError(f"{path}: annotation {ann.get('id')} refers to unknown "
+                                 f"image_id {ann.get('image_id')}")
+        if ann.get("category_id") not in category_ids:
+            raise IngestionError(f"{path}: annotation {ann.get('id')} refers to unknown "
+                                 f"category_id {ann.get('category_id')}")
+
+
+def _category_rows(data: dict) -> list[dict]:
+    return [{"category_id": c["id"], "name": str(c.get("name", c["id"])),
+             "supercategory": str(c.get("supercategory") or ""),
+             "isthing": bool(c.get("isthing", True))} for c in data.get("categories", [])]
+
+
+def _image_record_problem(record: dict) -> str | None:
+    for key in ("width", "height"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"{key} {value!r} is not a positive integer"
+    if not isinstance(record.get("file_name"), str) or not record["file_name"]:
+        return "file_name is missing"
+    return None
+
+
+def _check_image(path: Path, record: dict, params: dict, report: QualityReport) -> bool:
+    """True when the image file is usable for ``record``; otherwise drop (or raise)."""
+    expected = (record["width"], record["height"])
+    max_pixels = int(params.get("max_image_pixels", DEFAULT_MAX_PIXELS))
+    try:
+        info = probe_image(path, max_pixels)
+        exif_ignored = needs_exif_override(info, expected)
+        if (info.width, info.height) != expected and not exif_ignored:
+            raise ImageProblem("size_mismatch", f"{path}: file is {info.width}x{info.height} "
+                               f"(after EXIF orientation) but annotated as "
+                               f"{expected[0]}x{expected[1]}")
+        if params.get("verify_images", "decode") == "decode":
+            load_image(path, expected, max_pixels)
+    except ImageProblem as exc:
+        report.drop("images", exc.reason, f"image {record['id']} ({exc})")
+        return False
+    if info.mode != "RGB":
+        report.note(f"converted_mode_{info.mode}")
+    if exif_ignored:
+        report.note("exif_ignored")
+    return True
+
+
+def _bbox_problem(bbox) -> str | None:
+    if bbox is None:
+        return None
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, w, h]"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in bbox):
+        return f"bbox {list(bbox)} has a non-finite value"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"bbox {list(bbox)} has a non-positive width or height"
+    return None
+
+
+def annotation_row(ann: dict, height: int, width: int) -> dict:
+    """One ``instances`` row from a COCO annotation; raises `GeometryError` when unusable."""
+    problem = _bbox_problem(ann.get("bbox"))
+    if problem:
+        raise masks.GeometryError(problem, reason="bad_bbox")
+    rle = masks.segmentation_to_rle(ann.get("segmentation"), height, width)
+    area = masks.rle_area(rle)
+    if area == 0:
+        raise masks.GeometryError("segmentation covers no pixel", reason="empty_mask")
+    bbox = ann.get("bbox") or masks.rle_bbox(rle)
+    return {"instance_id": ann["id"], "image_id": ann["image_id"],
+            "category_id": ann["category_id"], "bbox": bbox, "area": area,
+            "iscrowd": bool(ann.get("iscrowd", 0)), "rle": masks.rle_to_string(rle)}
+
+
+def _annotation_rows(annotations: list[dict], kept: dict[int, dict],
+                     report: QualityReport) -> list[dict]:
+    rows = []
+    for ann in tqdm(annotations, desc="annotations", unit="ann", disable=None, leave=False):
+        record = kept.get(ann["image_id"])
+        if record is None:
+            report.drop("annotations", "image_dropped",
+                        f"annotation {ann['id']}: its image {ann['image_id']} was dropped")
+            continue
+        try:
+            rows.append(annotation_row(ann, record["height"], record["width"]))
+        except masks.GeometryError as exc:
+            report.drop("annotations", exc.reason, f"annotation {ann['id']} (image "
+                        f"{ann['image_id']}, {record['file_name']}): {exc}")
+    return rows
+
+
+def _kept_images(data: dict, root: Path, image_dir: str, params: dict,
+                 report: QualityReport) -> dict[int, dict]:
+    kept = {}
+    for record in tqdm(data["images"], desc="images", unit="img", disable=None, leave=False):
+        problem = _image_record_problem(record)
+        if problem:
+            report.drop("images", "bad_image_record", f"image {record.get('id')}: {problem}")
+            continue
+        relative = (Path(image_dir) / record["file_name"]).as_posix()
+        if _check_image(root / relative, record, params, report):
+            kept[record["id"]] = {**record, "relative": relative}
+    return kept
+
+
+def read(params: dict, report: QualityReport) -> SourceTables:
+    """Read ``root/annotations`` with images under ``root/images`` into the tables.
+
+    params: root, annotations (json path relative to root), images (folder relative to
+    root), split (optional split name given to every image; empty = split later),
+    verify_images (``decode`` | ``header``), max_image_pixels.
+    """
+    root = Path(params["root"])
+    path = root / params["annotations"]
+    data = load_json(path)
+    for records, what in ((data["images"], "image"), (data.get("annotations", []), "annotation"),
+                          (data.get("categories", []), "category")):
+        _require_unique(records, what, path)
+    _check_references(data, path)
+    kept = _kept_images(data, root, params.get("images", ""), params, report)
+    rows = _annotation_rows(data.get("annotations", []), kept, report)
+    split = params.get("split") or ""
+    images = make_images({"image_id": i, "file_name": r["relative"], "width": r["width"],
+                          "height": r["height"], "split": split, "source": "coco"}
+                         for i, r in kept.items())
+    logger.info("%s: %d images, %d annotations kept", path, len(images), len(rows))
+    return SourceTables(images, make_instances(rows), make_categories(_category_rows(data)))
