@@ -8,3 +8,8 @@ CONFIG_LOADER_ARGS = {
     # An env (coco, cityscapes, ...) overrides single keys of `source`, not the whole block.
     "merge_strategy": {"parameters": "soft"},
 }
+
+from instseg_pipeline.hooks import MlflowRunCleanupHook  # noqa: E402
+
+# Project hooks run after the plugins' (kedro-mlflow's) hooks of the same name.
+HOOKS = (MlflowRunCleanupHook(),)

@@ -22,10 +22,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from instseg_pipeline import masks
-from instseg_pipeline.images import (DEFAULT_MAX_PIXELS, ImageProblem, load_image,
-                                     needs_exif_override, probe_image)
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables
+from instseg_pipeline.sources.checks import check_image
 from instseg_pipeline.tables import make_categories, make_images, make_instances
 
 logger = logging.getLogger(__name__)
@@ -83,29 +82,6 @@ def _image_record_problem(record: dict) -> str | None:
     return None
 
 
-def _check_image(path: Path, record: dict, params: dict, report: QualityReport) -> bool:
-    """True when the image file is usable for ``record``; otherwise drop (or raise)."""
-    expected = (record["width"], record["height"])
-    max_pixels = int(params.get("max_image_pixels", DEFAULT_MAX_PIXELS))
-    try:
-        info = probe_image(path, max_pixels)
-        exif_ignored = needs_exif_override(info, expected)
-        if (info.width, info.height) != expected and not exif_ignored:
-            raise ImageProblem("size_mismatch", f"{path}: file is {info.width}x{info.height} "
-                               f"(after EXIF orientation) but annotated as "
-                               f"{expected[0]}x{expected[1]}")
-        if params.get("verify_images", "decode") == "decode":
-            load_image(path, expected, max_pixels)
-    except ImageProblem as exc:
-        report.drop("images", exc.reason, f"image {record['id']} ({exc})")
-        return False
-    if info.mode != "RGB":
-        report.note(f"converted_mode_{info.mode}")
-    if exif_ignored:
-        report.note("exif_ignored")
-    return True
-
-
 def _bbox_problem(bbox) -> str | None:
     if bbox is None:
         return None
@@ -160,7 +136,8 @@ def _kept_images(data: dict, root: Path, image_dir: str, params: dict,
             report.drop("images", "bad_image_record", f"image {record.get('id')}: {problem}")
             continue
         relative = (Path(image_dir) / record["file_name"]).as_posix()
-        if _check_image(root / relative, record, params, report):
+        if check_image(root / relative, (record["width"], record["height"]), params, report,
+                       label=f"image {record['id']}"):
             kept[record["id"]] = {**record, "relative": relative}
     return kept
 
@@ -170,7 +147,7 @@ def read(params: dict, report: QualityReport) -> SourceTables:
 
     params: root, annotations (json path relative to root), images (folder relative to
     root), split (optional split name given to every image; empty = split later),
-    verify_images (``decode`` | ``header``), max_image_pixels.
+    verify_images and max_image_pixels (see `sources.checks`).
     """
     root = Path(params["root"])
     path = root / params["annotations"]
