@@ -69,8 +69,12 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     return image
 
 
-def _orientation(image: Image.Image) -> int:
+def _orientation(image: Image.Image, header_only: bool = False) -> int:
     try:
+        if header_only and image.format == "PNG" and "exif" not in image.info:
+            # Pillow would decode the whole PNG to look for an eXIf chunk after the pixels;
+            # a header check must stay cheap, so only a chunk before the pixels counts here.
+            return 1
         return int(image.getexif().get(0x0112, 1) or 1)
     except Exception:  # a broken EXIF block is no reason to drop the pixels
         return 1
@@ -80,7 +84,7 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     """Read only the header of ``path``; raise `ImageProblem` when it is unusable."""
     path = Path(path)
     with _open(path, max_pixels) as image:
-        orientation = _orientation(image)
+        orientation = _orientation(image, header_only=True)
         width, height = image.size
         if orientation in _TRANSPOSING_ORIENTATIONS:
             width, height = height, width
@@ -113,12 +117,12 @@ def load_image(path: str | Path, expected_size: tuple[int, int] | None = None,
     """
     path = Path(path)
     with _open(path, max_pixels) as image:
-        orientation = _orientation(image)
         try:
             image.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageProblem("corrupt", f"{path}: image data is truncated or corrupt ({exc})"
                                ) from None
+        orientation = _orientation(image)
         mode = image.mode
         oriented = image
         if orientation in _TRANSPOSING_ORIENTATIONS or orientation in (2, 3, 4):

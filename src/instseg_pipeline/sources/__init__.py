@@ -5,8 +5,10 @@ A reader has the signature ``read(params: dict, report: QualityReport) -> Source
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # image-check worker processes import this package: keep pandas out
+    import pandas as pd
 
 
 @dataclass

@@ -1,18 +1,29 @@
 """The image check every reader applies, so all sources follow one policy.
 
 Parameters read from the source block: ``verify_images`` (``decode``: every image must
-decode fully, which catches truncated files; ``header``: size and format only, faster) and
-``max_image_pixels``.
+decode fully, which catches truncated files; ``header``: size and format only, faster),
+``max_image_pixels`` and ``workers`` (processes for checking many images; default: CPUs).
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-from instseg_pipeline.images import (DEFAULT_MAX_PIXELS, ImageProblem, load_image,
-                                     needs_exif_override, probe_image)
+from instseg_pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageProblem,
+    load_image,
+    needs_exif_override,
+    probe_image,
+)
 from instseg_pipeline.quality import QualityReport
 
 VERIFY_MODES = ("decode", "header")
+PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than it saves
 
 
 def verify_mode(params: dict) -> str:
@@ -23,14 +34,19 @@ def verify_mode(params: dict) -> str:
     return mode
 
 
-def check_image(path: Path, expected: tuple[int, int], params: dict, report: QualityReport,
-                label: str, expected_from: str = "annotated as") -> bool:
-    """True when the image at ``path`` is usable at ``expected`` = (width, height).
+@dataclass(frozen=True)
+class ImageCheck:
+    """What checking one image found; ``reason`` is empty when it is usable."""
 
-    Otherwise it is dropped through ``report`` (or the run fails, per its policy) with a
-    message that starts with ``label`` (e.g. ``image 12``). Mode conversions and ignored
-    EXIF orientations are noted in the report.
-    """
+    reason: str = ""
+    message: str = ""
+    mode: str = "RGB"
+    exif_ignored: bool = False
+
+
+def inspect_image(path: Path, expected: tuple[int, int], params: dict,
+                  expected_from: str = "annotated as") -> ImageCheck:
+    """Check the image at ``path`` against ``expected`` = (width, height); report nothing."""
     max_pixels = int(params.get("max_image_pixels", DEFAULT_MAX_PIXELS))
     try:
         info = probe_image(path, max_pixels)
@@ -42,10 +58,49 @@ def check_image(path: Path, expected: tuple[int, int], params: dict, report: Qua
         if verify_mode(params) == "decode":
             load_image(path, expected, max_pixels)
     except ImageProblem as exc:
-        report.drop("images", exc.reason, f"{label} ({exc})")
+        return ImageCheck(exc.reason, str(exc))
+    return ImageCheck(mode=info.mode, exif_ignored=exif_ignored)
+
+
+def record_check(check: ImageCheck, report: QualityReport, label: str) -> bool:
+    """Apply one `ImageCheck` to ``report``: drop (or raise) or note; True when usable."""
+    if check.reason:
+        report.drop("images", check.reason, f"{label} ({check.message})")
         return False
-    if info.mode != "RGB":
-        report.note(f"converted_mode_{info.mode}")
-    if exif_ignored:
+    if check.mode != "RGB":
+        report.note(f"converted_mode_{check.mode}")
+    if check.exif_ignored:
         report.note("exif_ignored")  # annotations were drawn on the raw, unrotated pixels
     return True
+
+
+def check_image(path: Path, expected: tuple[int, int], params: dict, report: QualityReport,
+                label: str, expected_from: str = "annotated as") -> bool:
+    """True when the image at ``path`` is usable at ``expected`` = (width, height).
+
+    Otherwise it is dropped through ``report`` (or the run fails, per its policy) with a
+    message that starts with ``label`` (e.g. ``image 12``).
+    """
+    return record_check(inspect_image(path, expected, params, expected_from), report, label)
+
+
+def _inspect_job(job: tuple[Path, tuple[int, int], dict]) -> ImageCheck:
+    return inspect_image(*job)
+
+
+def inspect_images(jobs: list[tuple[Path, tuple[int, int]]], params: dict) -> Iterator[ImageCheck]:
+    """`ImageCheck` of each (path, (width, height)) job, in order, started at once.
+
+    With many images the checks run in ``workers`` processes (default: the CPU count), so
+    the caller can convert annotations while images are being opened and decoded.
+    """
+    workers = int(params.get("workers") or os.cpu_count() or 1)
+    if workers < 2 or len(jobs) < PARALLEL_MIN_IMAGES:
+        return (inspect_image(path, size, params) for path, size in jobs)
+    # fork: workers share the already-imported modules and start in milliseconds.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    chunk = max(1, len(jobs) // (workers * 8))
+    results = pool.map(_inspect_job, [(path, size, params) for path, size in jobs],
+                       chunksize=chunk)
+    pool.shutdown(wait=False)
+    return results

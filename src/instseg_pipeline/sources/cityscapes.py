@@ -32,9 +32,15 @@ from instseg_pipeline.images import ImageProblem
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables
 from instseg_pipeline.sources.checks import verify_mode
-from instseg_pipeline.sources.mask_folder import (ID_FACTOR, check_image, id_values,
-                                                  instance_row, log_counts, progress,
-                                                  read_id_map)
+from instseg_pipeline.sources.mask_folder import (
+    ID_FACTOR,
+    check_image,
+    id_values,
+    instance_row,
+    log_counts,
+    progress,
+    read_id_map,
+)
 from instseg_pipeline.tables import make_categories, make_images, make_instances
 
 logger = logging.getLogger(__name__)

@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
+from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from instseg_pipeline import masks
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables
-from instseg_pipeline.sources.checks import check_image
+from instseg_pipeline.sources.checks import inspect_images, record_check
 from instseg_pipeline.tables import make_categories, make_images, make_instances
 
 logger = logging.getLogger(__name__)
@@ -95,51 +96,70 @@ def _bbox_problem(bbox) -> str | None:
     return None
 
 
-def annotation_row(ann: dict, height: int, width: int) -> dict:
-    """One ``instances`` row from a COCO annotation; raises `GeometryError` when unusable."""
+def _annotation_problem(ann: dict, height: int, width: int) -> tuple[str, str] | None:
     problem = _bbox_problem(ann.get("bbox"))
     if problem:
-        raise masks.GeometryError(problem, reason="bad_bbox")
-    rle = masks.segmentation_to_rle(ann.get("segmentation"), height, width)
-    area = masks.rle_area(rle)
-    if area == 0:
-        raise masks.GeometryError("segmentation covers no pixel", reason="empty_mask")
-    bbox = ann.get("bbox") or masks.rle_bbox(rle)
-    return {"instance_id": ann["id"], "image_id": ann["image_id"],
-            "category_id": ann["category_id"], "bbox": bbox, "area": area,
-            "iscrowd": bool(ann.get("iscrowd", 0)), "rle": masks.rle_to_string(rle)}
+        return "bad_bbox", problem
+    return masks.segmentation_problem(ann.get("segmentation"), height, width)
 
 
-def _annotation_rows(annotations: list[dict], kept: dict[int, dict],
-                     report: QualityReport) -> list[dict]:
+def convert_annotations(anns: list[dict], record: dict) -> tuple[list[dict], list[tuple]]:
+    """``instances`` rows of one image's annotations, and ``(reason, message)`` problems."""
+    height, width = record["height"], record["width"]
+    usable, problems = [], []
+    for ann in anns:
+        problem = _annotation_problem(ann, height, width)
+        if problem:
+            problems.append((problem[0], f"annotation {ann['id']} (image {ann['image_id']}, "
+                                         f"{record['file_name']}): {problem[1]}"))
+        else:
+            usable.append(ann)
+    rles = masks.segmentations_to_rles([a["segmentation"] for a in usable], height, width)
+    areas = mask_utils.area(rles) if rles else []
+    boxes = mask_utils.toBbox(rles) if rles else []
     rows = []
-    for ann in tqdm(annotations, desc="annotations", unit="ann", disable=None, leave=False):
-        record = kept.get(ann["image_id"])
-        if record is None:
-            report.drop("annotations", "image_dropped",
-                        f"annotation {ann['id']}: its image {ann['image_id']} was dropped")
+    for ann, rle, area, box in zip(usable, rles, areas, boxes):
+        if area == 0:
+            problems.append(("empty_mask", f"annotation {ann['id']} (image {ann['image_id']}, "
+                                           f"{record['file_name']}): covers no pixel"))
             continue
-        try:
-            rows.append(annotation_row(ann, record["height"], record["width"]))
-        except masks.GeometryError as exc:
-            report.drop("annotations", exc.reason, f"annotation {ann['id']} (image "
-                        f"{ann['image_id']}, {record['file_name']}): {exc}")
-    return rows
+        rows.append({"instance_id": ann["id"], "image_id": ann["image_id"],
+                     "category_id": ann["category_id"], "bbox": ann.get("bbox") or box,
+                     "area": int(area), "iscrowd": bool(ann.get("iscrowd", 0)),
+                     "rle": masks.rle_to_string(rle)})
+    return rows, problems
 
 
-def _kept_images(data: dict, root: Path, image_dir: str, params: dict,
-                 report: QualityReport) -> dict[int, dict]:
-    kept = {}
-    for record in tqdm(data["images"], desc="images", unit="img", disable=None, leave=False):
+def _valid_records(data: dict, root: Path, image_dir: str,
+                   report: QualityReport) -> list[dict]:
+    records = []
+    for record in data["images"]:
         problem = _image_record_problem(record)
         if problem:
             report.drop("images", "bad_image_record", f"image {record.get('id')}: {problem}")
+        else:
+            relative = (Path(image_dir) / record["file_name"]).as_posix()
+            records.append({**record, "relative": relative, "path": root / relative})
+    return records
+
+
+def _assemble(records: list[dict], image_checks, converted: dict, by_image: dict,
+              report: QualityReport) -> tuple[list[dict], list[dict]]:
+    """Apply image checks, then the kept images' annotation problems, in image order."""
+    kept, rows = [], []
+    for record, check in zip(records, image_checks):
+        image_id = record["id"]
+        if record_check(check, report, label=f"image {image_id}"):
+            kept.append(record)
+            image_rows, problems = converted.get(image_id, ([], []))
+            for reason, message in problems:
+                report.drop("annotations", reason, message)
+            rows.extend(image_rows)
             continue
-        relative = (Path(image_dir) / record["file_name"]).as_posix()
-        if check_image(root / relative, (record["width"], record["height"]), params, report,
-                       label=f"image {record['id']}"):
-            kept[record["id"]] = {**record, "relative": relative}
-    return kept
+        for ann in by_image.get(image_id, []):
+            report.drop("annotations", "image_dropped",
+                        f"annotation {ann['id']}: its image {image_id} was dropped")
+    return kept, rows
 
 
 def read(params: dict, report: QualityReport) -> SourceTables:
@@ -147,7 +167,7 @@ def read(params: dict, report: QualityReport) -> SourceTables:
 
     params: root, annotations (json path relative to root), images (folder relative to
     root), split (optional split name given to every image; empty = split later),
-    verify_images and max_image_pixels (see `sources.checks`).
+    verify_images, max_image_pixels and workers (see `sources.checks`).
     """
     root = Path(params["root"])
     path = root / params["annotations"]
@@ -156,11 +176,23 @@ def read(params: dict, report: QualityReport) -> SourceTables:
                           (data.get("categories", []), "category")):
         _require_unique(records, what, path)
     _check_references(data, path)
-    kept = _kept_images(data, root, params.get("images", ""), params, report)
-    rows = _annotation_rows(data.get("annotations", []), kept, report)
+    records = _valid_records(data, root, params.get("images", ""), report)
+    image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
+                                  params)
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in data.get("annotations", []):
+        by_image[ann["image_id"]].append(ann)
+    # Annotations are converted while the image checks run; their problems are reported
+    # afterwards, so the annotations of a dropped image count once, as image_dropped.
+    converted = {r["id"]: convert_annotations(by_image[r["id"]], r)
+                 for r in tqdm(records, desc="annotations", unit="img", disable=None,
+                               leave=False) if r["id"] in by_image}
+    checks = tqdm(image_checks, total=len(records), desc="images", unit="img", disable=None,
+                  leave=False)
+    kept, rows = _assemble(records, checks, converted, by_image, report)
     split = params.get("split") or ""
-    images = make_images({"image_id": i, "file_name": r["relative"], "width": r["width"],
-                          "height": r["height"], "split": split, "source": "coco"}
-                         for i, r in kept.items())
+    images = make_images({"image_id": r["id"], "file_name": r["relative"],
+                          "width": r["width"], "height": r["height"], "split": split,
+                          "source": "coco"} for r in kept)
     logger.info("%s: %d images, %d annotations kept", path, len(images), len(rows))
     return SourceTables(images, make_instances(rows), make_categories(_category_rows(data)))
