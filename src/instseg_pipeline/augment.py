@@ -1,0 +1,122 @@
+"""Training augmentation: an albumentations 2.x ``Compose`` built from parameters.
+
+``params`` (the ``augmentation`` block of the training parameters)::
+
+    preset: none | light | strong
+    size: [height, width]          # output size of the crop in ``strong``
+    min_visibility: 0.0            # drop instances with less of their box left after a crop
+    transforms:                    # optional; replaces the preset
+      - {name: HorizontalFlip, p: 0.5}
+      - {name: OneOf, p: 0.2, transforms: [{name: GaussNoise}, {name: ISONoise}]}
+
+Every Compose carries pascal_voc boxes with the label fields ``labels`` and
+``instance_index``: albumentations 2.x drops boxes but never masks, so the index says which
+masks survived. No ``Normalize``: torchvision detection models normalize internally.
+
+Randomness: albumentations 2.x seeds every transform of a Compose with the *same* seed, so
+two transforms with equal ``p`` always fire together. `seed_augmentation` gives each
+transform its own seed derived from the sample seed instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import numpy as np
+
+# the import below otherwise asks the network for a newer release
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import albumentations as A
+
+logger = logging.getLogger(__name__)
+
+LABEL_FIELDS = ["labels", "instance_index"]
+PRESETS = ("none", "light", "strong")
+
+
+class AugmentationConfigError(ValueError):
+    """The augmentation parameters name an unknown preset, transform or argument."""
+
+
+def _light() -> list:
+    return [A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.75, 1.25), keep_ratio=True, p=0.5)]
+
+
+def _crop_size(params: dict) -> tuple[int, int]:
+    size = params.get("size")
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+        raise AugmentationConfigError(
+            f"augmentation preset 'strong' needs size: [height, width], got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _strong(params: dict) -> list:
+    # std_range is a fraction of 255; 1.x's default var_limit=(10, 50) was a variance in 0..255
+    noise = A.OneOf([A.GaussNoise(std_range=(0.012, 0.028)), A.ISONoise(),
+                     A.MultiplicativeNoise(multiplier=(0.9, 1.1))], p=0.2)
+    distortion = A.OneOf([A.ElasticTransform(alpha=120, sigma=6), A.GridDistortion(),
+                          A.OpticalDistortion(distort_limit=0.1)], p=0.3)
+    return [A.RandomResizedCrop(size=_crop_size(params), scale=(0.5, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_percent=0.1, scale=(0.8, 1.2), rotate=(-30, 30), p=0.5),
+            noise, distortion]
+
+
+def _build_transform(spec: dict):
+    """One albumentations transform from ``{"name": ..., **kwargs}`` (nested ``transforms``)."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    cls = getattr(A, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose))):
+        raise AugmentationConfigError(f"unknown albumentations transform {name!r}")
+    if "transforms" in spec:
+        spec["transforms"] = [_build_transform(child) for child in spec["transforms"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transform = cls(**spec)
+    for warning in caught:
+        if "not valid for transform" in str(warning.message):
+            raise AugmentationConfigError(f"transform {name}: {warning.message} "
+                                          "(albumentations 2.x argument names)")
+        logger.warning("augmentation transform %s: %s", name, warning.message)
+    return transform
+
+
+def _transforms(params: dict) -> list:
+    if params.get("transforms"):
+        return [_build_transform(spec) for spec in params["transforms"]]
+    preset = params.get("preset", "none")
+    if preset not in PRESETS:
+        raise AugmentationConfigError(f"unknown augmentation preset {preset!r}; use {PRESETS}")
+    return {"none": list, "light": _light, "strong": lambda: _strong(params)}[preset]()
+
+
+def build_augmentation(params: dict | None) -> A.Compose | None:
+    """The training Compose for ``params``, or None when there is nothing to apply."""
+    transforms = _transforms(params or {})
+    if not transforms:
+        return None
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=LABEL_FIELDS,
+                               min_visibility=float((params or {}).get("min_visibility", 0.0)))
+    return A.Compose(transforms, bbox_params=bbox_params)
+
+
+def _walk(transform):
+    """Every transform below ``transform`` in pre-order (parents before their children)."""
+    for child in getattr(transform, "transforms", []):
+        yield child
+        yield from _walk(child)
+
+
+def seed_augmentation(compose: A.Compose, seed: int) -> None:
+    """Reseed ``compose`` so its next call is a pure function of ``seed``.
+
+    Each nested transform gets a distinct seed derived from (seed, position); a parent's
+    `set_random_seed` resets its children, hence the pre-order walk.
+    """
+    compose.set_random_seed(int(seed))
+    for position, transform in enumerate(_walk(compose), start=1):
+        child_seed = np.random.SeedSequence([int(seed), position]).generate_state(1)[0]
+        transform.set_random_seed(int(child_seed))

@@ -1,0 +1,55 @@
+"""Evaluation nodes: thin adapters over `instseg_pipeline.evaluation` and `inference`."""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from instseg_pipeline import evaluation, tracking
+from instseg_pipeline.tables import label_mapping
+
+logger = logging.getLogger(__name__)
+
+
+def predict(model: dict, images: pd.DataFrame, categories: pd.DataFrame, source: dict,
+            params: dict) -> pd.DataFrame:
+    """Run the trained model on the evaluated split; one row per predicted instance."""
+    from instseg_pipeline.inference import predict_images
+    from instseg_pipeline.models import load_model
+
+    network = load_model(model["config"], model["state_dict"])
+    to_category = {label: cat for cat, label in label_mapping(categories).items()}
+    split = images[images["split"] == params["split"]]
+    return predict_images(network, split, source["root"], to_category,
+                          batch_size=int(params.get("batch_size", 4)),
+                          device=params.get("device", "auto"),
+                          score_threshold=float(params["score_threshold"]),
+                          mask_threshold=float(params["mask_threshold"]))
+
+
+def compute_coco_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                         categories: pd.DataFrame, predictions: pd.DataFrame,
+                         params: dict) -> tuple[dict, dict]:
+    """Mask and box AP (12 COCO stats each, per-class AP) and the PR arrays for plots."""
+    result = evaluation.coco_metrics(images, instances, categories, predictions,
+                                     params["split"], params["iou_types"], params["backend"])
+    tracking.log_metrics({f"{t}/{k}": v for t, stats in result["metrics"].items()
+                          for k, v in stats.items() if isinstance(v, float)})
+    return result["metrics"], result["arrays"]
+
+
+def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                       categories: pd.DataFrame, predictions: pd.DataFrame,
+                       params: dict) -> dict:
+    """Things-only panoptic quality of the predictions (overlaps resolved by score)."""
+    result = evaluation.panoptic_metrics(images, instances, categories, predictions,
+                                         params["split"], **params["panoptic"])
+    tracking.log_metrics({f"pq/{group}": result[group]["pq"] for group in ("all", "things")})
+    return result
+
+
+def compute_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
+                      predictions: pd.DataFrame, params: dict) -> pd.DataFrame:
+    """Matched (prediction, GT) pairs with their mask IoU: mask quality and confusions."""
+    return evaluation.matched_mask_ious(images, instances, predictions, params["split"],
+                                        score_threshold=float(params["match_score_threshold"]))

@@ -1,0 +1,53 @@
+"""Training nodes. torch is imported inside the nodes: `kedro run --pipeline ingestion`
+must not pay for it."""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from instseg_pipeline import tracking
+
+logger = logging.getLogger(__name__)
+
+
+def preview_augmentation(images: pd.DataFrame, instances: pd.DataFrame,
+                         categories: pd.DataFrame, source: dict, training: dict):
+    """A grid of augmented training samples with their masks and boxes."""
+    from instseg_pipeline.training import build_datasets
+    from instseg_pipeline.viz import augmentation_preview
+
+    train, _ = build_datasets(images, instances, categories, source["root"], training)
+    figure = augmentation_preview(train, n=int(training.get("preview_samples", 8)),
+                                  seed=int(training.get("seed", 0)))
+    tracking.log_figure(figure, "augmentation_preview.png")
+    return figure
+
+
+def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
+                source: dict, training: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Train on the train split; weights + rebuild config, loss history, val losses."""
+    from instseg_pipeline.training import fit
+
+    result = fit(images, instances, categories, source["root"], training)
+    if result["skipped_steps"]:
+        logger.warning("%d steps skipped for non-finite losses", result["skipped_steps"])
+    return result["model"], result["history"], result["val_history"]
+
+
+def plot_training_curves(history: pd.DataFrame, val_history: pd.DataFrame):
+    """Loss components and learning rate against iterations."""
+    from instseg_pipeline.viz import training_curves
+
+    figure = training_curves(history, val_history)
+    tracking.log_figure(figure, "training_curves.png")
+    return figure
+
+
+def track_training(model: dict, history: pd.DataFrame, val_history: pd.DataFrame,
+                   training: dict) -> None:
+    """Log the loss history and the model to the active MLflow run, if tracking is on."""
+    tracking.log_history(history, prefix="train")
+    tracking.log_history(val_history, prefix="val", step_column="iteration")
+    if training.get("log_model_to_mlflow", True):
+        tracking.log_torch_model(model)
