@@ -52,6 +52,9 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     assert set(out["images"]["split"]) == {"train", "val"}
     assert {"config", "state_dict", "classes"} <= set(out["model"])
     assert out["model"]["config"]["name"] == "maskrcnn_tiny"
+    selection = out["model"]["selection"]  # the final weights are evaluated too
+    assert selection["metric"] == "segm/mAP" and selection["iteration"] == 4
+    assert len(selection["history"]) == 1 and 0.0 <= selection["value"] <= 1.0
     history = out["training_history"]
     assert {"iteration", "loss", "lr"} <= set(history.columns) and len(history) == 4
     assert set(out["coco_metrics"]) == {"segm", "bbox"}

@@ -16,8 +16,14 @@ from torch.utils.data import DataLoader, Subset
 from instseg_pipeline import distributed, engine
 from instseg_pipeline.augment import build_augmentation
 from instseg_pipeline.models import build_model, model_config
-from instseg_pipeline.torch_data import (InstanceDataset, MultiScale, aspect_ratio_group_ids,
-                                         build_train_loader, collate)
+from instseg_pipeline.selection import BestModelSelector
+from instseg_pipeline.torch_data import (
+    InstanceDataset,
+    MultiScale,
+    aspect_ratio_group_ids,
+    build_train_loader,
+    collate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +74,42 @@ def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Data
                                   epoch, distributed.is_distributed(), groups)
 
     sizes = params.get("multiscale") or []
+    selector = _selector(val, instances, categories, root, params)
     result = engine.train(model, make_loader, engine_config(params),
                           checkpoint_dir=params["checkpoint_dir"],
                           resume=params.get("resume", "none"), model_config=config,
                           multiscale=MultiScale(sizes, int(params.get("seed", 0)))
                           if sizes else None,
-                          val_loader=_val_loader(val, params))
-    return {"model": {"config": config, "state_dict": result.state_dict,
+                          val_loader=_val_loader(val, params),
+                          callbacks=(selector,) if selector else ())
+    state, selection = _chosen_weights(model, result, selector)
+    return {"model": {"config": config, "state_dict": state,
                       "classes": {int(k): v for k, v in train.label_names.items()},
-                      "iterations": int(result.iterations)},
+                      "iterations": int(result.iterations), "selection": selection},
             "history": result.history, "val_history": result.val_history,
             "skipped_steps": int(result.skipped_steps)}
+
+
+def _selector(val: InstanceDataset, instances: pd.DataFrame, categories: pd.DataFrame,
+              root: str, params: dict) -> BestModelSelector | None:
+    options = params.get("selection") or {}
+    if not options.get("every_epochs") or len(val) == 0 or not distributed.is_main_process():
+        return None
+    subset = val.images.head(int(options.get("max_images") or len(val.images)))
+    return BestModelSelector(subset, instances, categories, root, options["every_epochs"],
+                             iou_type=options.get("iou_type", "segm"),
+                             batch_size=int(params.get("batch_size", 2)))
+
+
+def _chosen_weights(model, result, selector) -> tuple[dict, dict]:
+    """The best evaluated weights (the final ones are evaluated too), or the last ones."""
+    if selector is None:
+        return result.state_dict, {"metric": None, "iteration": int(result.iterations)}
+    if not selector.history or selector.history[-1]["iteration"] != result.iterations:
+        selector.consider(engine.unwrap(model), int(result.iterations), None)
+    logger.info("model selection: best %s %.4f at iteration %d", selector.best["metric"],
+                selector.best["value"], selector.best["iteration"])
+    return selector.best_state, {**selector.best, "history": selector.history}
 
 
 def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
