@@ -85,6 +85,7 @@ def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Data
     state, selection = _chosen_weights(model, result, selector)
     return {"model": {"config": config, "state_dict": state,
                       "classes": {int(k): v for k, v in train.label_names.items()},
+                      "category_ids": {label: int(cat) for cat, label in train.mapping.items()},
                       "iterations": int(result.iterations), "selection": selection},
             "history": result.history, "val_history": result.val_history,
             "skipped_steps": int(result.skipped_steps)}

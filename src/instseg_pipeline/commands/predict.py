@@ -1,0 +1,158 @@
+"""`instseg-predict`: segment image files, write overlays and a COCO results json."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+RESULTS_NAME = "predictions.json"
+IMAGES_NAME = "images.json"
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instseg-predict",
+        description="Segment images with a trained model. Writes <out>/overlays/<name>.png "
+                    "(masks tinted, contours and class names drawn), <out>/predictions.json "
+                    "(COCO results: image_id, category_id, score, bbox, segmentation RLE) "
+                    "and <out>/images.json (image_id -> file). Prints a JSON summary.")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                        help="image files, or folders whose images (not sub-folders) are used")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="trained model file (model.pt) to run with torch; "
+                                             "default: the newest data/06_models/<source>/"
+                                             "model.pt/<version>/model.pt under the working "
+                                             "folder")
+    source.add_argument("--onnx", help="exported model.onnx to run with ONNX Runtime (its "
+                                       "manifest must sit beside it)")
+    parser.add_argument("--out", default="predictions",
+                        help="output folder (default: %(default)s)")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="keep instances scoring at least this (default: %(default)s)")
+    parser.add_argument("--mask-threshold", type=float, default=0.5,
+                        help="mask probability that counts as foreground (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--threads", type=int,
+                        help="intra-op threads of torch / ONNX Runtime (default: one per core)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default: %(default)s)")
+    return parser
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named in ``inputs``, folders expanded to their images (sorted)."""
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    return found
+
+
+def image_ids(paths: list[Path]) -> list[int]:
+    """The file stems as ids when all are distinct integers, else 1, 2, 3, ..."""
+    stems = [p.stem for p in paths]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def overlay(image: np.ndarray, found, classes: dict) -> np.ndarray:
+    """uint8 [H, W, 3] RGB: ``image`` with `Detections` masks tinted, outlined and named."""
+    from instseg_pipeline.viz import _COLORS, overlay_masks
+
+    picture = (overlay_masks(image / 255.0, found.masks) * 255).clip(0, 255).astype(np.uint8)
+    for k, (mask, box, label, score) in enumerate(zip(found.masks, found.boxes, found.labels,
+                                                      found.scores)):
+        color = tuple(int(c * 255) for c in _COLORS[k % len(_COLORS)])
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(picture, contours, -1, color, 1)
+        text = f"{classes.get(int(label), label)} {score:.2f}"
+        cv2.putText(picture, text, (int(box[0]), max(10, int(box[1]) - 2)),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
+    return picture
+
+
+def coco_results(instances: list[dict], image_id: int, category_ids: dict) -> list[dict]:
+    """COCO results entries of one image's instances (see `Predictor.predict`)."""
+    return [{"image_id": image_id, "category_id": int(category_ids.get(i["label"], i["label"])),
+             "score": round(i["score"], 5), "bbox": [round(v, 2) for v in i["bbox"]],
+             "segmentation": i["rle"]} for i in instances]
+
+
+def _overlay_path(folder: Path, path: Path, image_id: int, used: set) -> Path:
+    name = f"{path.stem}.png" if path.stem not in used else f"{path.stem}_{image_id}.png"
+    used.add(path.stem)
+    return folder / name
+
+
+def predict_files(predictor, paths: list[Path], out: Path, score_threshold: float,
+                  mask_threshold: float, category_ids: dict | None = None) -> dict:
+    """Segment ``paths``; write overlays, predictions.json and images.json into ``out``."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from instseg_pipeline.images import ImageProblem, load_image
+
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    results, images, failed, used = [], [], [], set()
+    with logging_redirect_tqdm():
+        for path, image_id in tqdm(list(zip(paths, image_ids(paths))), unit="image",
+                                   disable=len(paths) < 2, desc="segmenting"):
+            try:
+                image, _ = load_image(path)
+            except ImageProblem as exc:
+                logger.warning("skipped: %s", exc)
+                failed.append(str(path))
+                continue
+            found = predictor.detect(image, score_threshold, mask_threshold)
+            results += coco_results(predictor.to_instances(found), image_id, category_ids or {})
+            target = _overlay_path(out / "overlays", path, image_id, used)
+            cv2.imwrite(str(target), cv2.cvtColor(overlay(image, found, predictor.classes),
+                                                  cv2.COLOR_RGB2BGR))
+            images.append({"id": image_id, "file_name": str(path), "width": image.shape[1],
+                           "height": image.shape[0], "overlay": str(target)})
+            logger.debug("%s: %d instances", path, len(found))
+    (out / RESULTS_NAME).write_text(json.dumps(results), encoding="utf-8")
+    (out / IMAGES_NAME).write_text(json.dumps(images, indent=1), encoding="utf-8")
+    return {"images": len(images), "instances": len(results), "failed": failed,
+            "predictions": str(out / RESULTS_NAME), "overlays": str(out / "overlays")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    from instseg_pipeline.serving.predictor import ManifestError, load_predictor
+
+    try:
+        paths = collect_images(args.inputs)
+        predictor = load_predictor(args.checkpoint, args.onnx, device=args.device,
+                                   threads=args.threads)
+    except (FileNotFoundError, ManifestError, ValueError, TypeError) as exc:
+        logger.error("%s", exc)
+        return 2
+    logger.info("%d images, model %s (%s)", len(paths), predictor.info()["version"],
+                predictor.backend_name)
+    summary = predict_files(predictor, paths, Path(args.out), args.score_threshold,
+                            args.mask_threshold, predictor.category_ids)
+    json.dump(summary, sys.stdout)
+    sys.stdout.write("\n")
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
