@@ -61,8 +61,10 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     assert len([k for k in out["coco_metrics"]["segm"] if k.startswith(("mAP", "AR_"))]) == 12
     assert set(out["pq_metrics"]) >= {"all", "things", "stuff"}
     reporting = kedro_project / "data/08_reporting/synthetic"
-    for figure in ("augmentation_preview.png", "training_curves.png",
-                   "dataset_statistics.png"):
+    for figure in ("augmentation_preview.png", "training_curves.png", "dataset_statistics.png",
+                   "visualisation_suite.png", "performance_dashboard.png",
+                   "worst_and_best_images.png", "false_positive_gallery.png",
+                   "false_negative_gallery.png"):
         assert list((reporting / figure).iterdir()), figure
 
     runs = _mlflow_runs(kedro_project)
@@ -76,7 +78,7 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
 
     client = MlflowClient(f"sqlite:///{kedro_project / 'mlflow.db'}")
     artifacts = {a.path for a in client.list_artifacts(runs[0][0], "figures")}
-    assert "figures/training_curves.png" in artifacts
+    assert {"figures/training_curves.png", "figures/performance_dashboard.png"} <= artifacts
     assert client.search_logged_models(experiment_ids=[
         client.get_run(runs[0][0]).info.experiment_id]), "the model was not logged"
 

@@ -53,3 +53,53 @@ def compute_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
     """Matched (prediction, GT) pairs with their mask IoU: mask quality and confusions."""
     return evaluation.matched_mask_ious(images, instances, predictions, params["split"],
                                         score_threshold=float(params["match_score_threshold"]))
+
+
+def _val_ids(images: pd.DataFrame, params: dict) -> list[int]:
+    ids = images.loc[images["split"] == params["split"], "image_id"].tolist()
+    return ids[: int(params["figures"]["suite_images"])]
+
+
+def plot_visualisation_suite(images: pd.DataFrame, instances: pd.DataFrame,
+                             categories: pd.DataFrame, predictions: pd.DataFrame,
+                             source: dict, params: dict):
+    """Original | GT | predictions | semantic merge for a sample of evaluated images."""
+    from instseg_pipeline.viz_evaluation import visualisation_suite
+
+    figure = visualisation_suite(images, instances, categories, predictions, source["root"],
+                                 _val_ids(images, params), params["match_score_threshold"])
+    tracking.log_figure(figure, "visualisation_suite.png")
+    return figure
+
+
+def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, matched: pd.DataFrame,
+                               history: pd.DataFrame, val_history: pd.DataFrame,
+                               categories: pd.DataFrame, predictions: pd.DataFrame,
+                               images: pd.DataFrame, instances: pd.DataFrame, source: dict,
+                               params: dict):
+    """AP breakdown, per-class AP, PR curves, IoU and size analysis, confusions, curves."""
+    from instseg_pipeline.viz_evaluation import performance_dashboard
+
+    figure = performance_dashboard(coco_metrics, pr_arrays, matched, history, val_history,
+                                   categories, predictions, images, instances, source["root"],
+                                   score_threshold=params["match_score_threshold"],
+                                   split=params["split"])
+    tracking.log_figure(figure, "performance_dashboard.png")
+    return figure
+
+
+def plot_error_analysis(images: pd.DataFrame, instances: pd.DataFrame,
+                        categories: pd.DataFrame, predictions: pd.DataFrame,
+                        matched: pd.DataFrame, source: dict, params: dict):
+    """Worst and best images, false-positive and false-negative galleries."""
+    from instseg_pipeline import viz_evaluation as viz
+
+    args = (images, instances, categories, predictions, matched, source["root"])
+    options = {"score_threshold": params["match_score_threshold"], "split": params["split"]}
+    figures = (viz.worst_and_best_images(*args, n=int(params["figures"]["worst_best"]),
+                                         **options),
+               viz.false_positive_gallery(*args, n=int(params["figures"]["gallery"]), **options),
+               viz.false_negative_gallery(*args, n=int(params["figures"]["gallery"]), **options))
+    for figure, name in zip(figures, ("worst_and_best", "false_positives", "false_negatives")):
+        tracking.log_figure(figure, f"{name}.png")
+    return figures

@@ -1,11 +1,21 @@
-"""Trained model + tables -> predictions, coco_metrics, pq_metrics, matched mask IoUs."""
+"""Trained model + tables -> predictions, coco_metrics, pq_metrics, matched mask IoUs and
+the figures (visualisation suite, dashboard, error analysis)."""
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import compute_coco_metrics, compute_mask_ious, compute_pq_metrics, predict
+from .nodes import (
+    compute_coco_metrics,
+    compute_mask_ious,
+    compute_pq_metrics,
+    plot_error_analysis,
+    plot_performance_dashboard,
+    plot_visualisation_suite,
+    predict,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     tables = ["images", "instances", "categories", "predictions", "params:evaluation"]
+    figure_inputs = ["images", "instances", "categories", "predictions"]
     return Pipeline([
         Node(predict, ["model", "images", "categories", "params:source", "params:evaluation"],
              "predictions", name="predict"),
@@ -14,4 +24,15 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(compute_pq_metrics, tables, "pq_metrics", name="compute_pq_metrics"),
         Node(compute_mask_ious, ["images", "instances", "predictions", "params:evaluation"],
              "matched_mask_ious", name="compute_mask_ious"),
+        Node(plot_visualisation_suite, [*figure_inputs, "params:source", "params:evaluation"],
+             "visualisation_suite", name="plot_visualisation_suite"),
+        Node(plot_performance_dashboard,
+             ["coco_metrics", "coco_pr_arrays", "matched_mask_ious", "training_history",
+              "validation_history", "categories", "predictions", "images", "instances",
+              "params:source", "params:evaluation"],
+             "performance_dashboard", name="plot_performance_dashboard"),
+        Node(plot_error_analysis,
+             [*figure_inputs, "matched_mask_ious", "params:source", "params:evaluation"],
+             ["worst_and_best_images", "false_positive_gallery", "false_negative_gallery"],
+             name="plot_error_analysis"),
     ])
