@@ -22,6 +22,12 @@ def _end_leftover_runs(status: str) -> None:
         ended += 1
     if ended:
         logger.debug("closed %d stacked MLflow run handle(s)", ended)
+    # The plugin's hook is a process-wide singleton that keeps the last run id; a later
+    # session with tracking off would re-open that run at every node (in another store,
+    # even). Forget it once the pipeline is over.
+    plugin = sys.modules.get("kedro_mlflow.framework.hooks.mlflow_hook")
+    if plugin is not None and hasattr(plugin, "mlflow_hook"):
+        plugin.mlflow_hook.run_id = None
 
 
 class MlflowRunCleanupHook:

@@ -14,9 +14,10 @@ from instseg_pipeline.hooks import MlflowRunCleanupHook  # noqa: E402
 # Project hooks run after the plugins' (kedro-mlflow's) hooks of the same name.
 HOOKS = (MlflowRunCleanupHook(),)
 
-from instseg_pipeline.tracking import untracked_pipelines  # noqa: E402
+from instseg_pipeline.tracking import project_tracking_uri, untracked_pipelines  # noqa: E402
 
 CONFIG_LOADER_ARGS["custom_resolvers"] = {
     # `INSTSEG_MLFLOW=off kedro run ...` runs without MLflow tracking (conf/base/mlflow.yml).
     "instseg.untracked_pipelines": untracked_pipelines,
+    "instseg.tracking_uri": project_tracking_uri,
 }

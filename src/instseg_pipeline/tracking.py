@@ -23,6 +23,17 @@ def untracked_pipelines() -> list[str]:
     return list(PIPELINE_NAMES) if os.environ.get("INSTSEG_MLFLOW", "").lower() in _OFF else []
 
 
+def project_tracking_uri() -> str:
+    """``sqlite:///<project root>/mlflow.db``, wherever the command runs from (a notebook in
+    notebooks/ must use the project's store, not create its own)."""
+    from pathlib import Path
+
+    from kedro.utils import find_kedro_project
+
+    root = find_kedro_project(Path.cwd()) or Path.cwd()
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
 def _active_run():
     mlflow = sys.modules.get("mlflow")  # never import it just to find out there's no run
     return mlflow.active_run() if mlflow is not None else None
