@@ -16,11 +16,11 @@ in `MANIFEST_CANDIDATES` are also accepted) holding::
 ``sha256`` and ``classes`` are required, ``iterations`` and ``category_ids`` (model label ->
 dataset category id, identity when absent) optional; a file whose digest differs is refused.
 The same optional ``category_ids`` key is read from a trained model dict. The format
-lives here only (`build_manifest`, `write_manifest`, `read_manifest`, `verify_manifest`).
+is written by `instseg_pipeline.export` (`write_manifest`, `verify_manifest`); reading it for serving
+lives here (`find_manifest`, `read_manifest`).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -33,20 +33,22 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The manifest is written by the exporter; these are re-exported for the serving side.
+from instseg_pipeline.export import (  # noqa: F401
+    ManifestError,
+    file_sha256,
+    verify_manifest,
+    write_manifest,
+)
+from instseg_pipeline.export import manifest_path as default_manifest_path  # noqa: F401
 from instseg_pipeline.images import DEFAULT_MAX_PIXELS, ImageProblem, _to_rgb_array
 from instseg_pipeline.masks import bitmap_to_rle, rle_area, rle_to_string
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "instseg-onnx"
-MANIFEST_VERSION = 1
 MANIFEST_CANDIDATES = ("{stem}.manifest.json", "{name}.json", "{stem}.json", "manifest.json")
 MODEL_DICT_KEYS = ("config", "state_dict", "classes")
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
-
-
-class ManifestError(ValueError):
-    """An ONNX model whose manifest is missing, malformed or does not match the file."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -102,39 +104,6 @@ def _exif_oriented(image: Image.Image) -> Image.Image:
 
 # --- files, digests and the manifest ---------------------------------------------------------
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def build_manifest(onnx_path: str | Path, classes: Mapping, opset: int,
-                   config: Mapping | None = None, **extra) -> dict:
-    """The manifest dict of an exported ``.onnx`` file (its SHA-256 computed here)."""
-    onnx_path = Path(onnx_path)
-    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
-            "onnx_file": onnx_path.name, "sha256": file_sha256(onnx_path),
-            "classes": {str(int(k)): str(v) for k, v in classes.items()},
-            "opset": int(opset), "config": dict(config or {}), **extra}
-
-
-def default_manifest_path(onnx_path: str | Path) -> Path:
-    """Where a new manifest of ``<model>.onnx`` goes: ``<model>.manifest.json``."""
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_name(MANIFEST_CANDIDATES[0].format(stem=onnx_path.stem,
-                                                             name=onnx_path.name))
-
-
-def write_manifest(manifest: Mapping, path: str | Path) -> Path:
-    """Write ``manifest`` as indented JSON; returns the path."""
-    path = Path(path)
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
 def find_manifest(onnx_path: str | Path) -> Path:
     """The manifest beside ``onnx_path`` (first of `MANIFEST_CANDIDATES` that exists)."""
     onnx_path = Path(onnx_path)
@@ -164,18 +133,6 @@ def read_manifest(path: str | Path) -> dict:
         raise ManifestError(f"{path}: manifest classes must map integer labels to names"
                             ) from None
     return manifest
-
-
-def verify_manifest(onnx_path: str | Path, manifest: Mapping) -> str:
-    """Return the file's SHA-256 when it equals the manifest's; raise `ManifestError` if not."""
-    actual = file_sha256(onnx_path)
-    expected = str(manifest.get("sha256", "")).lower()
-    if actual != expected:
-        raise ManifestError(
-            f"{onnx_path}: SHA-256 {actual} does not match the manifest's {expected or '(none)'}"
-            "; the model file was changed after export or the manifest belongs to another "
-            "model. Refusing to serve it.")
-    return actual
 
 
 def find_latest_checkpoint(root: str | Path = ".", source_name: str | None = None) -> Path:

@@ -1,0 +1,87 @@
+"""Export nodes. torch and onnxruntime are imported inside (through `instseg_pipeline.export`
+and `models`): `kedro run --pipeline ingestion` must not pay for them."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from instseg_pipeline import export as onnx_export
+from instseg_pipeline.images import load_image
+
+logger = logging.getLogger(__name__)
+
+
+def _network(model: dict):
+    """The eager network of a trained-model dict, in eval mode on CPU."""
+    from instseg_pipeline.models import load_model
+
+    return load_model(model["config"], model["state_dict"]).eval()
+
+
+def select_images(images: pd.DataFrame, root: str, count: int,
+                  split: str = "val") -> tuple[list[np.ndarray], list]:
+    """Up to ``count`` images of ``split`` (uint8 RGB [H, W, 3]) and their ids.
+
+    Distinct sizes first, by image id: the graph must hold for sizes it was not traced at.
+    """
+    rows = images[images["split"] == split].sort_values("image_id")
+    if rows.empty:
+        raise ValueError(f"no {split!r} images in the images table; export checks need some")
+    distinct = rows.drop_duplicates(["height", "width"])
+    rows = pd.concat([distinct, rows.drop(distinct.index)]).head(int(count))
+    arrays = [load_image(Path(root) / r.file_name, expected_size=(r.width, r.height))[0]
+              for r in rows.itertuples()]
+    return arrays, rows["image_id"].tolist()
+
+
+def _example(network, arrays: list[np.ndarray], ids: list) -> np.ndarray:
+    """The first image the network finds something in (tracing needs detections)."""
+    for array in arrays:
+        if len(onnx_export.eager_detect(network, onnx_export.to_chw(array))["scores"]):
+            return array
+    raise onnx_export.ExportError(
+        f"none of the images {ids} yields a detection, and tracing an image without one "
+        "records only the empty path; train longer or lower the model's box_score_thresh")
+
+
+def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict) -> dict:
+    """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image."""
+    network = _network(model)
+    arrays, ids = select_images(images, source["root"], export["parity"]["num_images"])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        manifest = onnx_export.export_onnx(
+            network, path, opset=export["opset"], example=_example(network, arrays, ids),
+            classes=model["classes"], config=model["config"],
+            iterations=int(model.get("iterations", 0)))
+        return {"onnx": path.read_bytes(), "manifest": manifest}
+
+
+def check_onnx_parity(model: dict, onnx_model: dict, images: pd.DataFrame, source: dict,
+                      export: dict) -> dict:
+    """onnxruntime vs eager on val images + a blank one; raises `ParityError` on failure."""
+    network = _network(model)
+    arrays, ids = select_images(images, source["root"], export["parity"]["num_images"])
+    arrays, ids = onnx_export.insert_blank(arrays, ids)
+    report = onnx_export.check_parity(network, onnx_model["onnx"], arrays, export["parity"],
+                                      image_ids=ids, session_params=export.get("session"))
+    if not report["no_detection_case_covered"]:
+        logger.warning("the blank image got detections from the eager model: the "
+                       "no-detection path of the ONNX graph went unchecked")
+    onnx_export.raise_on_failure(report)
+    return report
+
+
+def measure_latency(model: dict, onnx_model: dict, parity_report: dict,
+                    images: pd.DataFrame, source: dict, export: dict) -> dict:
+    """Eager vs onnxruntime latency per image on the same val images and thread count."""
+    latency = export["latency"]
+    arrays, ids = select_images(images, source["root"], latency["num_images"])
+    params = {**latency, "session": export.get("session", {})}
+    report = onnx_export.measure_latency(_network(model), onnx_model["onnx"], arrays, params,
+                                         image_ids=ids)
+    return {**report, "parity_passed": bool(parity_report["passed"])}
