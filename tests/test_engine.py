@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from instseg_pipeline import engine
-from instseg_pipeline.engine import (CheckpointError, CheckpointMismatchError,
-                                     NonFiniteLossError, train)
+from instseg_pipeline.engine import (
+    CheckpointError,
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    train,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 TINY_CONFIG = {"architecture": "tiny_regressor", "num_classes": 1}
@@ -276,7 +280,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     ckpt = tmp_path / "ckpt"
     code = (f"import sys; sys.path.insert(0, {str(TESTS_DIR)!r}); import test_engine; "
             f"test_engine.child_train_and_die({str(ckpt)!r}, 8)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120,
+                          check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     # saved after 3, 5 (epoch end: 5 batches per epoch) and 6; killed after step 8
     assert [p.name for p in ckpt.iterdir()] and not list(ckpt.glob(".*"))

@@ -390,39 +390,39 @@ def test_perfect_single_image_is_one(one_image):
 
 
 def test_json_segment_missing_from_png(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, _pred_folder = one_image
     pred_json["annotations"][0]["segments_info"].append(_seg(12345, 1))
     _raises(r"12345\].*segments_info but not in the PNG", *one_image)
 
 
 def test_png_segment_missing_from_json(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, _pred_folder = one_image
     removed = pred_json["annotations"][0]["segments_info"].pop(0)
     name = pred_json["annotations"][0]["file_name"]
     _raises(rf"prediction PNG .*{name}.*\[{removed['id']}\] are in the PNG", *one_image)
 
 
 def test_png_of_other_size(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, pred_folder = one_image
     name = pred_json["annotations"][0]["file_name"]
     write_id_map(pred_folder / name, read_id_map(pred_folder / name)[:-1])
     _raises(rf"image 139: prediction PNG .*{name} is 640x425", *one_image)
 
 
 def test_unknown_category(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, _pred_folder = one_image
     pred_json["annotations"][0]["segments_info"][0]["category_id"] = 999
     _raises(r"image 139: .*unknown category id 999", *one_image)
 
 
 def test_prediction_for_image_not_in_ground_truth(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, _pred_folder = one_image
     pred_json["annotations"].append({**pred_json["annotations"][0], "image_id": 424242})
     _raises(r"images \[424242\] that are not in the ground truth", *one_image)
 
 
 def test_ground_truth_image_without_prediction(one_image):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    _gt_json, _gt_folder, pred_json, _pred_folder = one_image
     pred_json["annotations"].clear()
     _raises(r"no annotation for images \[139\]", *one_image)
 
@@ -436,7 +436,7 @@ def test_missing_png_and_missing_folder(one_image, tmp_path):
 
 
 def test_bad_and_missing_json_files(one_image, tmp_path):
-    gt_json, gt_folder, pred_json, pred_folder = one_image
+    gt_json, gt_folder, _pred_json, pred_folder = one_image
     gt_path = tmp_path / "gt.json"
     gt_path.write_text(json.dumps(gt_json))
     bad = tmp_path / "bad.json"

@@ -74,7 +74,7 @@ def test_kedro_cli_exits_non_zero_with_the_reason(tmp_path, kedro_project):
     result = subprocess.run(
         [str(kedro), "run", "--pipeline", "ingestion", "--env", "coco", "--params",
          f"source.root={tmp_path},source.annotations=annotations.json,source.images=images"],
-        cwd=kedro_project, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
+        cwd=kedro_project, check=False, capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"},
         timeout=300)
     assert result.returncode != 0
     assert "duplicate annotation ids 100" in result.stdout + result.stderr

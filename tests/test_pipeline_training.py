@@ -98,7 +98,7 @@ def test_cli_contract_resume_auto_continues_from_the_last_checkpoint(kedro_proje
 
     def run(pipeline: str, params: str) -> subprocess.CompletedProcess:
         return subprocess.run([kedro, "run", "--pipeline", pipeline, "--params", params],
-                              cwd=kedro_project, env=env, capture_output=True, text=True,
+                              cwd=kedro_project, env=env, capture_output=True, text=True, check=False,
                               timeout=600)
 
     first = run("ingestion", TINY_CLI)

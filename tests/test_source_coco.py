@@ -201,7 +201,7 @@ def test_image_modes_are_accepted_and_noted(tmp_path, mode):
         Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save(target)
     else:
         Image.new(mode, (40, 30)).save(target)
-    tables, summary = _read(coco_params(tmp_path))
+    _tables, summary = _read(coco_params(tmp_path))
     assert summary["dropped_total"]["images"] == 0
     assert len(summary["notes"]) == 1 and next(iter(summary["notes"])).startswith(
         "converted_mode_")

@@ -49,10 +49,10 @@ class QualityReport:
         report = {
             "source": self.source,
             "on_invalid": self.on_invalid,
-            "images": int(len(images)),
+            "images": len(images),
             "images_without_instances": int((~images["image_id"].isin(
                 instances["image_id"])).sum()),
-            "instances": int(len(instances)),
+            "instances": len(instances),
             "crowd_instances": int(iscrowd.sum()),
             "dropped": {kind: dict(sorted(c.items())) for kind, c in self.dropped.items()},
             "dropped_total": {kind: int(sum(c.values())) for kind, c in self.dropped.items()},

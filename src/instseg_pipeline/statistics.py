@@ -26,8 +26,8 @@ def dataset_statistics(images: pd.DataFrame, instances: pd.DataFrame,
         things = inst[~inst["iscrowd"]]
         per_image = things.groupby("image_id").size().reindex(group["image_id"], fill_value=0)
         stats[str(split)] = {
-            "images": int(len(group)),
-            "instances": int(len(things)),
+            "images": len(group),
+            "instances": len(things),
             "crowd_regions": int(inst["iscrowd"].sum()),
             "per_class": {str(k): int(v) for k, v in things["class"].value_counts().items()},
             "crowd_per_class": {str(k): int(v) for k, v in
