@@ -2,6 +2,7 @@
 $INSTSEG_SHARED_DATA); tests that need it skip with a message naming the path."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,19 @@ for _key, _value in {"KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
                      "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
                      "GRADIO_ANALYTICS_ENABLED": "False"}.items():
     os.environ.setdefault(_key, _value)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """A KedroSession installs Kedro's logging config (a console handler on the root
+    logger); later tests that read stdout must not see its log lines."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def _shared(sub: str) -> Path:
