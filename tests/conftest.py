@@ -17,17 +17,25 @@ for _key, _value in {"KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
     os.environ.setdefault(_key, _value)
 
 
+_BASELINE_HANDLERS = list(logging.getLogger().handlers)
+
+
+def _drop_session_handlers() -> None:
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if handler not in _BASELINE_HANDLERS and not type(handler).__module__.startswith(
+                "_pytest"):
+            root.removeHandler(handler)
+
+
 @pytest.fixture(autouse=True)
 def _restore_root_logging():
     """A KedroSession installs Kedro's logging config (a console handler on the root
-    logger); later tests that read stdout must not see its log lines."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    logger), also from module-scoped fixtures; tests that read stdout must not see its
+    log lines. pytest's own capture handlers stay."""
+    _drop_session_handlers()
     yield
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    _drop_session_handlers()
 
 
 def _shared(sub: str) -> Path:
