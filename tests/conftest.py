@@ -59,16 +59,7 @@ def fake_results_dir() -> Path:
 
 @pytest.fixture
 def kedro_project(tmp_path) -> Path:
-    """A copy of the project's configuration in tmp_path, so runs write their data there.
+    """A copy of the project's configuration in tmp_path, so runs write their data there."""
+    from kedro_fixtures import copy_project
 
-    Kedro resolves catalog paths against the project root; the package itself is installed.
-    """
-    import shutil
-
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(REPO_ROOT / name, project / name)
-    shutil.copytree(REPO_ROOT / "conf", project / "conf")
-    (project / "src").mkdir()  # the package is imported from its installed location
-    return project
+    return copy_project(tmp_path)

@@ -12,7 +12,6 @@ import base64
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import yaml
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.io.core import parse_dataset_definition
+from kedro_fixtures import copy_project
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +50,6 @@ data_quality_report:
 """
 
 
-def _copy_project(root: Path) -> Path:
-    project = root / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(REPO_ROOT / name, project / name)
-    shutil.copytree(REPO_ROOT / "conf", project / "conf")
-    (project / "src").mkdir()  # the package is imported from its installed location
-    return project
-
-
 def _apply_viz_metadata(catalog_path: Path) -> dict:
     catalog = yaml.safe_load(catalog_path.read_text())
     for name, entry in yaml.safe_load(VIZ_METADATA).items():
@@ -80,7 +70,7 @@ def _ingest(project: Path) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> dict:
     """The built site (folder, api/main, catalog config) of an ingested throwaway project."""
-    project = _copy_project(tmp_path_factory.mktemp("viz"))
+    project = copy_project(tmp_path_factory.mktemp("viz"))
     catalog = _apply_viz_metadata(project / "conf" / "base" / "catalog.yml")
     _ingest(project)
     kedro = str(Path(sys.executable).with_name("kedro"))

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from kedro_fixtures import TINY, copy_project
 from nbclient import NotebookClient
 from scipy.ndimage import binary_dilation
 
@@ -39,15 +40,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"
 EXPECTED = {"data_analysis.ipynb", "model_comparison.ipynb", "error_analysis.ipynb"}
 KERNEL = "instseg-pipeline-test"
-TINY = {
-    "source": {"synthetic": {"num_images": 14, "min_size": 96, "max_size": 128}},
-    "ingestion": {"val_fraction": 0.3},
-    "training": {"max_iters": 4, "batch_size": 2, "checkpoint_every": 2, "warmup_iters": 2,
-                 "log_every": 2, "val_max_images": 2, "preview_samples": 2,
-                 "progress_bar": False,
-                 "model": {"min_size": 96, "max_size": 128}},
-    "evaluation": {"batch_size": 2},
-}
 PROBES = {
     "data_analysis.ipynb": '{"images": int(splits.loc["total", "images"]), '
                            '"per_class": int(per_class["total"].sum()), "shown": len(sample)}',
@@ -58,16 +50,6 @@ PROBES = {
                             '"wrong_class": int(per_image["wrong_class"].sum()), '
                             '"ranked": [int(i) for i in ranked.index]}',
 }
-
-
-def _copy_project(root: Path) -> Path:
-    project = root / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(REPO_ROOT / name, project / name)
-    shutil.copytree(REPO_ROOT / "conf", project / "conf")
-    (project / "src").mkdir()  # the package is imported from its installed location
-    return project
 
 
 def _prediction(mask: np.ndarray, image_id: int, category_id: int, labels: dict,
@@ -133,7 +115,7 @@ def _evaluate_known_errors(project: Path) -> dict:
 def project(tmp_path_factory) -> dict:
     """A throwaway project after one tracked tiny run and one untracked evaluation of
     predictions with known errors; ``known`` holds what the notebooks must find."""
-    project = _copy_project(tmp_path_factory.mktemp("notebooks"))
+    project = copy_project(tmp_path_factory.mktemp("notebooks"))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(project)
         patch.delenv("INSTSEG_MLFLOW", raising=False)

@@ -12,18 +12,10 @@ import pandas as pd
 import pytest
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
+from kedro_fixtures import TINY
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "source": {"synthetic": {"num_images": 14, "min_size": 96, "max_size": 128}},
-    "ingestion": {"val_fraction": 0.3},
-    "training": {"max_iters": 4, "batch_size": 2, "checkpoint_every": 2, "warmup_iters": 2,
-                 "log_every": 2, "val_max_images": 2, "preview_samples": 2,
-                 "progress_bar": False,
-                 "model": {"min_size": 96, "max_size": 128}},
-    "evaluation": {"batch_size": 2},
-}
 TINY_CLI = ("source.synthetic.num_images=14,source.synthetic.min_size=96,"
             "source.synthetic.max_size=128,training.batch_size=2,training.warmup_iters=2,"
             "training.val_max_images=2,training.preview_samples=2,"
