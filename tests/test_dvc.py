@@ -51,10 +51,6 @@ def clone(tmp_path_factory) -> Path:
     return target
 
 
-@pytest.mark.skipif(os.environ.get("INSTSEG_DVC_REPRO") != "1",
-                    reason="set INSTSEG_DVC_REPRO=1: on the CI-sized model (40 iterations) the "
-                           "ONNX parity gate can fail on near-tied junk detections of the "
-                           "blank image, so this repro is not yet part of the default suite")
 def test_repro_runs_all_then_nothing_then_only_downstream(clone):
     first = _dvc(clone, "repro")
     assert _ran(first) == STAGES

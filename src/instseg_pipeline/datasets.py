@@ -52,7 +52,7 @@ class TorchModelDataset(AbstractVersionedDataset[dict, dict]):
     def _exists(self) -> bool:
         try:
             return Path(self._get_load_path()).exists()
-        except Exception:  # no version saved yet
+        except Exception:  # noqa: BLE001 - no version saved yet
             return False
 
     def _describe(self) -> dict[str, Any]:

@@ -481,6 +481,30 @@ def _ort_errors() -> tuple[type[Exception], ...]:
     return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
+def is_flat(image: np.ndarray) -> bool:
+    """True for an image of one colour (such as `blank_image`)."""
+    return bool(image.size) and bool((image == image.reshape(-1, image.shape[-1])[0]).all())
+
+
+def ungate_flat(record: dict) -> dict:
+    """A flat image's record with its differences kept as notes, not failures.
+
+    On an image of one colour every anchor away from the border sees the same input, so the
+    RPN's objectness scores tie exactly and which tied proposals survive its top-k cut is the
+    backend's tie-break. A model that detects anything there (an under-trained one does)
+    then yields detections that legitimately differ between backends. What stays gated on
+    such an image: onnxruntime runs, the outputs have the right shapes, and where both
+    backends find nothing the no-detection path is covered.
+    """
+    if not record.get("eager_detections") or not record["failures"]:
+        return record
+    shape = [f for f in record["failures"] if f.startswith("onnx masks have shape")]
+    notes = [f for f in record["failures"] if f not in shape]
+    return {**record, "failures": shape, "passed": not shape,
+            "ungated": "flat image: tied RPN scores, the backends break ties differently",
+            "notes": notes}
+
+
 def _image_record(network, session, image: np.ndarray, image_id, limits: Mapping) -> dict:
     chw = to_chw(image)
     record = {"image_id": image_id, "height": int(chw.shape[1]), "width": int(chw.shape[2])}
@@ -490,7 +514,12 @@ def _image_record(network, session, image: np.ndarray, image_id, limits: Mapping
     except _ort_errors() as exc:  # a failing run is a parity failure to report, not a crash
         return {**record, "eager_detections": len(eager["scores"]), "passed": False,
                 "failures": [f"onnxruntime failed: {exc}"]}
-    return {**record, **compare_detections(eager, onnx, limits)}
+    record = {**record, **compare_detections(eager, onnx, limits)}
+    if is_flat(image):
+        record = ungate_flat(record)
+        for note in record.get("notes", []):
+            logger.warning("ONNX parity, image %s (flat, not gated): %s", image_id, note)
+    return record
 
 
 def _summary(records: list[dict], limits: Mapping) -> dict:
@@ -515,7 +544,9 @@ def check_parity(network, onnx_path: str | Path | bytes, images: Sequence[np.nda
     ``images``: uint8 RGB ``[H, W, 3]`` of different sizes, a blank one among them (see
     `insert_blank`); all run through ONE onnxruntime session so that state left by one run
     shows in the next. ``params``: box_atol (px), score_atol, mask_iou_min (masks
-    thresholded at 0.5), match_iou (box IoU to pair detections of the same label).
+    thresholded at 0.5), match_iou (box IoU to pair detections of the same label). On a
+    flat image (one colour) differences in detections are reported, not gated
+    (`ungate_flat`).
     Returns ``{"passed", "max_box_diff", "max_score_diff", "min_mask_iou", "images": n,
     "per_image": [...], "tolerances"}``; raising is the caller's call (`raise_on_failure`).
     """

@@ -76,7 +76,7 @@ def _orientation(image: Image.Image, header_only: bool = False) -> int:
             # a header check must stay cheap, so only a chunk before the pixels counts here.
             return 1
         return int(image.getexif().get(0x0112, 1) or 1)
-    except Exception:  # a broken EXIF block is no reason to drop the pixels
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to drop the pixels
         return 1
 
 

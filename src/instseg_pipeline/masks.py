@@ -39,8 +39,8 @@ def _polygon_problem(parts) -> tuple[str, str] | None:
             return "polygon_malformed", f"polygon part {index} has a non-numeric coordinate"
         if not math.isfinite(total):
             return ("polygon_nonfinite",
-                    f"polygon part {index} has a non-finite coordinate "
-                    f"{next(v for v in part if not math.isfinite(v))!r}")
+                    (f"polygon part {index} has a non-finite coordinate "
+                    f"{next(v for v in part if not math.isfinite(v))!r}"))
     return None
 
 

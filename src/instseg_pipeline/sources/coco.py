@@ -110,8 +110,8 @@ def convert_annotations(anns: list[dict], record: dict) -> tuple[list[dict], lis
     for ann in anns:
         problem = _annotation_problem(ann, height, width)
         if problem:
-            problems.append((problem[0], f"annotation {ann['id']} (image {ann['image_id']}, "
-                                         f"{record['file_name']}): {problem[1]}"))
+            problems.append((problem[0], (f"annotation {ann['id']} (image {ann['image_id']}, "
+                                         f"{record['file_name']}): {problem[1]}")))
         else:
             usable.append(ann)
     rles = masks.segmentations_to_rles([a["segmentation"] for a in usable], height, width)
@@ -120,8 +120,8 @@ def convert_annotations(anns: list[dict], record: dict) -> tuple[list[dict], lis
     rows = []
     for ann, rle, area, box in zip(usable, rles, areas, boxes):
         if area == 0:
-            problems.append(("empty_mask", f"annotation {ann['id']} (image {ann['image_id']}, "
-                                           f"{record['file_name']}): covers no pixel"))
+            problems.append(("empty_mask", (f"annotation {ann['id']} (image {ann['image_id']}, "
+                                           f"{record['file_name']}): covers no pixel")))
             continue
         rows.append({"instance_id": ann["id"], "image_id": ann["image_id"],
                      "category_id": ann["category_id"], "bbox": ann.get("bbox") or box,

@@ -72,7 +72,7 @@ def read_id_map(path: Path) -> np.ndarray:
             return np.asfortranarray(np.asarray(image), dtype=np.int64)
     except ImageProblem:
         raise
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, DecompressionBombError...
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, DecompressionBombError...
         raise ImageProblem("unreadable_mask", f"{path}: cannot read mask ({exc})") from None
 
 
@@ -202,7 +202,7 @@ def _id_problem(ids: np.ndarray, mask_path: Path) -> ImageProblem | None:
 
 
 def _class_of(value: int, class_map: dict, class_name: str | None) -> str | None:
-    return class_map[value] if value in class_map else class_name
+    return class_map.get(value, class_name)
 
 
 def mask_instances(ids: np.ndarray, image_id: int, classes: dict, report: QualityReport

@@ -301,9 +301,9 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 def _draw_shape(canvas: np.ndarray, name: str, centre: np.ndarray, scale: float,
                 rng: np.random.Generator, value: int = 1) -> None:
     """Fill one shape of class `name` and size about `scale` px (a radius) into `canvas`."""
-    cx, cy = (int(round(v)) for v in centre)
+    cx, cy = (int(round(v)) for v in centre)  # noqa: RUF046 - numpy scalars
     if name == "circle":
-        cv2.circle(canvas, (cx, cy), max(1, int(round(scale))), value, -1)
+        cv2.circle(canvas, (cx, cy), max(1, int(round(scale))), value, -1)  # noqa: RUF046
         return
     if name == "rectangle":
         hw, hh = scale * rng.uniform(0.5, 1.2, size=2)
