@@ -17,6 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test]"
+	# the official Cityscapes evaluation, the reference of tests/test_cityscapes_ap.py; without
+	# its dependencies: they include the Python 2 `typing` backport (pyquaternion, the one it
+	# imports, is in the test extra)
+	$(PY) -m pip install --quiet --no-deps cityscapesscripts==2.3.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -112,7 +112,7 @@ def test_every_dataset_sits_on_its_catalog_layer(site):
     expected = {"images", "instances", "categories", "data_quality_report",
                 "dataset_statistics", "dataset_statistics_plot", "model", "training_history",
                 "validation_history", "training_curves", "predictions", "coco_metrics",
-                "pq_metrics", "matched_mask_ious"}
+                "pq_metrics", "cityscapes_metrics", "matched_mask_ious"}
     assert expected <= set(nodes), sorted(expected - set(nodes))
     layers = {name: entry["metadata"]["kedro-viz"]["layer"]
               for name, entry in site["catalog"].items() if name in nodes}

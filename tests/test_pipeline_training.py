@@ -29,7 +29,7 @@ def _run(project: Path, pipelines: list[str], params: dict = TINY) -> dict:
         catalog = session.load_context().catalog
         return {name: catalog.load(name) for name in
                 ("images", "model", "training_history", "coco_metrics", "pq_metrics",
-                 "predictions")}
+                 "cityscapes_metrics", "predictions")}
 
 
 def _mlflow_runs(project: Path) -> list[tuple]:
@@ -50,6 +50,8 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     history = out["training_history"]
     assert {"iteration", "loss", "lr"} <= set(history.columns) and len(history) == 4
     assert set(out["coco_metrics"]) == {"segm", "bbox"}
+    assert out["cityscapes_metrics"]["ground_truth"] == "tables"
+    assert all(0.0 <= out["cityscapes_metrics"][k] <= 1.0 for k in ("AP", "AP50"))
     assert len([k for k in out["coco_metrics"]["segm"] if k.startswith(("mAP", "AR_"))]) == 12
     assert set(out["pq_metrics"]) >= {"all", "things", "stuff"}
     reporting = kedro_project / "data/08_reporting/synthetic"
@@ -64,7 +66,7 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     with sqlite3.connect(kedro_project / "mlflow.db") as db:
         keys = {k for (k,) in db.execute("select distinct key from metrics")}
         params = {k for (k,) in db.execute("select key from params")}
-    assert {"train/loss", "train/lr", "segm/mAP", "bbox/mAP"} <= keys
+    assert {"train/loss", "train/lr", "segm/mAP", "bbox/mAP", "cityscapes/AP"} <= keys
     assert "training.max_iters" in params
     from mlflow.tracking import MlflowClient
 

@@ -6,13 +6,16 @@ training transforms; crowd regions are COCO's "ignore" regions.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from instseg_pipeline.metrics.basic import match_masks
+from instseg_pipeline.metrics.cityscapes import cityscapes_ap_from_tables, read_id_map
 from instseg_pipeline.metrics.coco import coco_eval_details
 from instseg_pipeline.metrics.panoptic import pq_from_tables
+from instseg_pipeline.sources.cityscapes import annotation_path
 from instseg_pipeline.tables import select_split, tables_to_coco
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,39 @@ def coco_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.D
         logger.info("%s AP %.4f AP50 %.4f (%s)", iou_type, out[iou_type]["mAP"],
                     out[iou_type]["mAP_50"], backend)
     return {"metrics": out, "arrays": arrays}
+
+
+def cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                       categories: pd.DataFrame, predictions: pd.DataFrame, split: str,
+                       source: dict | None = None, min_region_size: int = 100) -> dict:
+    """Cityscapes instance-level AP / AP50 (`metrics.cityscapes`) of the split.
+
+    For a ``cityscapes`` source the ground truth is the gtFine instanceIds PNG of each image
+    (official void and group regions); for any other source it is the ``instances`` table,
+    crowd regions counting as groups.
+    """
+    source = source or {}
+    ids = images.loc[images["split"] == split, "image_id"].tolist()
+    gt_map = _gtfine_reader(source["root"]) if source.get("type") == "cityscapes" else None
+    result = cityscapes_ap_from_tables(images, instances, categories, predictions, ids,
+                                       gt_map=gt_map, min_region_size=min_region_size)
+    logger.info("Cityscapes AP %s AP50 %s on %d %s images (ground truth: %s)",
+                _fmt(result["AP"]), _fmt(result["AP50"]), len(ids), split,
+                result["ground_truth"])
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _gtfine_reader(root: str):
+    """images row -> its gtFine instanceIds map (the file the tables were built from)."""
+    def read(image) -> np.ndarray:
+        return read_id_map(annotation_path(Path(root), Path(root) / image.file_name,
+                                           image.split))
+
+    return read
 
 
 def panoptic_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,

@@ -56,7 +56,8 @@ def _load_batch(batch: pd.DataFrame, root: Path) -> list[torch.Tensor]:
     tensors = []
     for row in batch.itertuples(index=False):
         pixels, _ = load_image(root / row.file_name, expected_size=(row.width, row.height))
-        tensors.append(torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255))
+        # a writable copy: Pillow hands out read-only arrays, which torch warns about
+        tensors.append(torch.as_tensor(np.array(pixels)).permute(2, 0, 1).float().div_(255))
     return tensors
 
 

@@ -1,4 +1,4 @@
-"""`instseg-eval`: COCO AP and panoptic quality from files, printed as one JSON object."""
+"""`instseg-eval`: COCO AP, panoptic quality and Cityscapes AP from files, printed as one JSON object."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +43,21 @@ def _build_parser() -> argparse.ArgumentParser:
     pan.add_argument("--gt-folder", required=True, help="folder of ground-truth PNGs")
     pan.add_argument("--pred-json", required=True, help="COCO panoptic prediction json")
     pan.add_argument("--pred-folder", required=True, help="folder of prediction PNGs")
+
+    city = commands.add_parser(
+        "cityscapes", help="Cityscapes instance-level AP and AP50 (official rules).",
+        description="Cityscapes instance-level AP over IoU 0.5:0.95 and AP at 0.5 for the 8 "
+                    "evaluated classes: ground-truth regions under 100 px and group regions "
+                    "are ignored, as are predictions mostly on void. Prints AP, AP50 and "
+                    "per_class (null where a class has no ground truth).")
+    city.add_argument("--gt-folder", required=True,
+                      help="folder searched for *_gtFine_instanceIds.png (e.g. gtFine/val)")
+    city.add_argument("--results", required=True,
+                      help="folder of one {city}_{seq}_{frame}*.txt per image, each line "
+                           "'mask.png label_id score' with the mask path relative to the txt")
+    city.add_argument("--allow-missing", action="store_true",
+                      help="treat an image without a prediction file as predicting nothing "
+                           "(default: an error)")
     return parser
 
 
@@ -52,6 +67,10 @@ def _run(args: argparse.Namespace) -> dict:
 
         return evaluate_files(args.gt, args.results, iou_type=args.iou_type,
                               backend=args.backend)
+    if args.command == "cityscapes":
+        from instseg_pipeline.metrics.cityscapes import evaluate_folders
+
+        return evaluate_folders(args.gt_folder, args.results, allow_missing=args.allow_missing)
     from instseg_pipeline.metrics.panoptic import pq_from_files
 
     return pq_from_files(args.gt_json, args.gt_folder, args.pred_json, args.pred_folder)

@@ -48,6 +48,18 @@ def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     return result
 
 
+def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                               categories: pd.DataFrame, predictions: pd.DataFrame,
+                               source: dict, params: dict) -> dict:
+    """Cityscapes-style AP and AP50 (official gtFine ground truth on the cityscapes env)."""
+    result = evaluation.cityscapes_metrics(
+        images, instances, categories, predictions, params["split"], source,
+        min_region_size=int(params.get("cityscapes", {}).get("min_region_size", 100)))
+    tracking.log_metrics({f"cityscapes/{k}": result[k] for k in ("AP", "AP50")
+                          if result[k] is not None})
+    return result
+
+
 def compute_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
                       predictions: pd.DataFrame, params: dict) -> pd.DataFrame:
     """Matched (prediction, GT) pairs with their mask IoU: mask quality and confusions."""

@@ -1,8 +1,9 @@
-"""Trained model + tables -> predictions, coco_metrics, pq_metrics, matched mask IoUs and
-the figures (visualisation suite, dashboard, error analysis)."""
+"""Trained model + tables -> predictions, coco_metrics, pq_metrics, cityscapes_metrics,
+matched mask IoUs and the figures (visualisation suite, dashboard, error analysis)."""
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import (
+    compute_cityscapes_metrics,
     compute_coco_metrics,
     compute_mask_ious,
     compute_pq_metrics,
@@ -22,6 +23,9 @@ def create_pipeline(**kwargs) -> Pipeline:
         Node(compute_coco_metrics, tables, ["coco_metrics", "coco_pr_arrays"],
              name="compute_coco_metrics"),
         Node(compute_pq_metrics, tables, "pq_metrics", name="compute_pq_metrics"),
+        Node(compute_cityscapes_metrics,
+             ["images", "instances", "categories", "predictions", "params:source",
+              "params:evaluation"], "cityscapes_metrics", name="compute_cityscapes_metrics"),
         Node(compute_mask_ious, ["images", "instances", "predictions", "params:evaluation"],
              "matched_mask_ious", name="compute_mask_ious"),
         Node(plot_visualisation_suite, [*figure_inputs, "params:source", "params:evaluation"],
