@@ -258,7 +258,8 @@ def evaluate(matches: Iterable[ImageMatches], classes: Mapping[int, str] = CLASS
             "AP50": _mean(table[:, at50].reshape(-1)) if at50.size else None,
             "per_class": per_class,
             "ap_table": [[None if np.isnan(v) else float(v) for v in row] for row in table],
-            "overlaps": [float(t) for t in overlaps], "min_region_size": int(min_region_size),
+            "overlaps": [round(float(t), 4) for t in overlaps],
+            "min_region_size": int(min_region_size),
             "images": len(matches)}
 
 
