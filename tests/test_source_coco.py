@@ -245,3 +245,45 @@ def test_bad_annotation_fails_in_fail_mode_naming_ids(tmp_path, reason):
     with pytest.raises(IngestionError) as info:
         _read(coco_params(tmp_path), on_invalid="fail")
     assert "annotation 201" in str(info.value) and "image 2" in str(info.value)
+
+
+def test_annotations_of_an_unusable_image_record_are_counted(tmp_path):
+    data = make_coco(tmp_path)
+    data["images"][1]["width"] = -40  # image 2: the record itself is unusable
+    write_json(tmp_path, data)
+    tables, summary = _read(coco_params(tmp_path))
+    assert summary["dropped"]["images"] == {"bad_image_record": 1}
+    assert summary["dropped"]["annotations"] == {"image_dropped": 2}
+    assert set(tables.images["image_id"]) == {1, 3}
+
+
+def test_json_with_nan_literals_is_read_and_the_annotation_reported(tmp_path):
+    """Strict JSON parsing fails on NaN (which json.dumps writes); the fallback reads the
+    file and the NaN polygon is reported as its own annotation's problem."""
+    data = make_coco(tmp_path)
+    data["annotations"][0]["segmentation"] = [[1.0, 1.0, float("nan"), 5.0, 8.0, 8.0]]
+    write_json(tmp_path, data)
+    assert "NaN" in (tmp_path / "annotations.json").read_text()
+    tables, summary = _read(coco_params(tmp_path))
+    assert summary["dropped"]["annotations"] == {"polygon_nonfinite": 1}
+    assert 100 not in set(tables.instances["instance_id"])
+
+
+@pytest.mark.parametrize("mode", ["header", "decode"])
+def test_checks_in_worker_processes_equal_checks_in_process(tmp_path, monkeypatch, mode):
+    """The parallel image checks keep the order and the findings of the in-process ones."""
+    from instseg_pipeline.sources import checks
+
+    monkeypatch.setattr(checks, "PARALLEL_MIN_IMAGES", 2)
+    make_coco(tmp_path, n_images=6)
+    BAD_IMAGES["corrupt"](tmp_path / "images" / "img2.png")
+    BAD_IMAGES["size_mismatch"](tmp_path / "images" / "img5.png")
+    results = {}
+    for workers in (0, 2):
+        tables, summary = _read({**coco_params(tmp_path), "verify_images": mode,
+                                 "workers": workers})
+        results[workers] = (tables.images["image_id"].tolist(),
+                            tables.instances["instance_id"].tolist(), summary["dropped"])
+    assert results[0] == results[2]
+    assert results[2][2]["images"] == ({"size_mismatch": 1} if mode == "header"
+                                       else {"corrupt": 1, "size_mismatch": 1})

@@ -47,6 +47,17 @@ def make_instances(rows: Iterable[Mapping]) -> pd.DataFrame:
     return frame
 
 
+def instances_from_columns(columns: Mapping[str, list]) -> pd.DataFrame:
+    """The ``instances`` table from ``{column: list}`` (faster than rows for large sources);
+    ``bbox`` lists are taken as they are when already four floats each."""
+    frame = pd.DataFrame({name: columns[name] for name in INSTANCE_COLUMNS}).astype(
+        _INSTANCE_DTYPES)
+    boxes = frame["bbox"].tolist()
+    if not all(type(v) is float for box in boxes for v in box):
+        frame["bbox"] = [[float(v) for v in box] for box in boxes]
+    return frame
+
+
 def make_categories(rows: Iterable[Mapping]) -> pd.DataFrame:
     """Build the ``categories`` table sorted by category id."""
     frame = _frame(rows, CATEGORY_COLUMNS, _CATEGORY_DTYPES)

@@ -2,7 +2,8 @@
 
 Parameters read from the source block: ``verify_images`` (``decode``: every image must
 decode fully, which catches truncated files; ``header``: size and format only, faster),
-``max_image_pixels`` and ``workers`` (processes for checking many images; default: CPUs).
+``max_image_pixels`` and ``workers`` (processes for checking many images, 0 = none; default:
+`default_workers`).
 """
 from __future__ import annotations
 
@@ -88,14 +89,26 @@ def _inspect_job(job: tuple[Path, tuple[int, int], dict]) -> ImageCheck:
     return inspect_image(*job)
 
 
+def default_workers(params: dict) -> int:
+    """Processes checking images beside the caller's own work.
+
+    ``decode``: every CPU (decoding dominates). ``header``: one CPU fewer, left to the main
+    process, which converts annotations meanwhile; more processes than CPUs only slows both.
+    """
+    cpus = os.cpu_count() or 1
+    return cpus if verify_mode(params) == "decode" else cpus - 1
+
+
 def inspect_images(jobs: list[tuple[Path, tuple[int, int]]], params: dict) -> Iterator[ImageCheck]:
     """`ImageCheck` of each (path, (width, height)) job, in order, started at once.
 
-    With many images the checks run in ``workers`` processes (default: the CPU count), so
-    the caller can convert annotations while images are being opened and decoded.
+    With many images the checks run in ``workers`` processes (0: in this process, lazily;
+    default: `default_workers`), so the caller can convert annotations while images are
+    being opened and decoded.
     """
-    workers = int(params.get("workers") or os.cpu_count() or 1)
-    if workers < 2 or len(jobs) < PARALLEL_MIN_IMAGES:
+    workers = params.get("workers")
+    workers = default_workers(params) if workers is None else int(workers)
+    if workers < 1 or len(jobs) < PARALLEL_MIN_IMAGES:
         return (inspect_image(path, size, params) for path, size in jobs)
     # fork: workers share the already-imported modules and start in milliseconds.
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))

@@ -13,12 +13,15 @@ Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
+import orjson
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
@@ -26,7 +29,7 @@ from instseg_pipeline import masks
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables
 from instseg_pipeline.sources.checks import inspect_images, record_check
-from instseg_pipeline.tables import make_categories, make_images, make_instances
+from instseg_pipeline.tables import instances_from_columns, make_categories, make_images
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +38,16 @@ def load_json(path: Path) -> dict:
     """Parse a COCO json file, raising `IngestionError` that names the file."""
     if not path.is_file():
         raise IngestionError(f"{path}: annotation file not found")
+    raw = path.read_bytes()
     try:
-        with path.open("rb") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IngestionError(f"{path}: not valid JSON ({exc})") from None
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # strict JSON failed; the json module also reads NaN / Infinity (which json.dumps
+        # writes) so that such coordinates are reported per annotation, not per file
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IngestionError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise IngestionError(f"{path}: not a COCO instances file (no 'images' list)")
     for key in ("annotations", "categories"):
@@ -96,15 +104,48 @@ def _bbox_problem(bbox) -> str | None:
     return None
 
 
+def _plain_polygon(segmentation) -> bool:
+    """True for the common, valid case: one polygon of >= 3 finite points (a fast path)."""
+    if type(segmentation) is not list or len(segmentation) != 1:
+        return False
+    part = segmentation[0]
+    if type(part) is not list or len(part) < 6 or len(part) % 2:
+        return False
+    try:
+        return math.isfinite(sum(part))
+    except TypeError:
+        return False
+
+
+def _plain_bbox(bbox) -> bool:
+    """True for a missing bbox or four finite numbers with positive width and height."""
+    if bbox is None:
+        return True
+    if type(bbox) is not list or len(bbox) != 4:
+        return False
+    try:
+        return math.isfinite(sum(bbox)) and bbox[2] > 0 and bbox[3] > 0 and \
+            not any(type(v) is bool for v in bbox)
+    except TypeError:
+        return False
+
+
 def _annotation_problem(ann: dict, height: int, width: int) -> tuple[str, str] | None:
-    problem = _bbox_problem(ann.get("bbox"))
+    segmentation, bbox = ann.get("segmentation"), ann.get("bbox")
+    if _plain_bbox(bbox) and _plain_polygon(segmentation):
+        return None
+    problem = _bbox_problem(bbox)
     if problem:
         return "bad_bbox", problem
-    return masks.segmentation_problem(ann.get("segmentation"), height, width)
+    return masks.segmentation_problem(segmentation, height, width)
 
 
-def convert_annotations(anns: list[dict], record: dict) -> tuple[list[dict], list[tuple]]:
-    """``instances`` rows of one image's annotations, and ``(reason, message)`` problems."""
+INSTANCE_FIELDS = ("instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle")
+
+
+def convert_annotations(anns: list[dict], record: dict) -> tuple[dict, list[tuple]]:
+    """``instances`` columns (``{column: list}``) of one image's annotations, and
+    ``(reason, message)`` problems."""
     height, width = record["height"], record["width"]
     usable, problems = [], []
     for ann in anns:
@@ -115,19 +156,23 @@ def convert_annotations(anns: list[dict], record: dict) -> tuple[list[dict], lis
         else:
             usable.append(ann)
     rles = masks.segmentations_to_rles([a["segmentation"] for a in usable], height, width)
-    areas = mask_utils.area(rles) if rles else []
-    boxes = mask_utils.toBbox(rles) if rles else []
-    rows = []
+    areas = mask_utils.area(rles).tolist() if rles else []
+    boxes = mask_utils.toBbox(rles).tolist() if rles else []
+    columns: dict[str, list] = {name: [] for name in INSTANCE_FIELDS}
     for ann, rle, area, box in zip(usable, rles, areas, boxes):
         if area == 0:
             problems.append(("empty_mask", (f"annotation {ann['id']} (image {ann['image_id']}, "
                                            f"{record['file_name']}): covers no pixel")))
             continue
-        rows.append({"instance_id": ann["id"], "image_id": ann["image_id"],
-                     "category_id": ann["category_id"], "bbox": ann.get("bbox") or box,
-                     "area": int(area), "iscrowd": bool(ann.get("iscrowd", 0)),
-                     "rle": masks.rle_to_string(rle)})
-    return rows, problems
+        columns["instance_id"].append(ann["id"])
+        columns["category_id"].append(ann["category_id"])
+        columns["bbox"].append(ann.get("bbox") or box)
+        columns["area"].append(area)
+        columns["iscrowd"].append(bool(ann.get("iscrowd", 0)))
+        columns["rle"].append(rle["counts"])
+    columns["image_id"] = [record["id"]] * len(columns["instance_id"])
+    columns["rle"] = [c.decode("ascii") if type(c) is bytes else c for c in columns["rle"]]
+    return columns, problems
 
 
 def _valid_records(data: dict, root: Path, image_dir: str,
@@ -143,23 +188,41 @@ def _valid_records(data: dict, root: Path, image_dir: str,
     return records
 
 
-def _assemble(records: list[dict], image_checks, converted: dict, by_image: dict,
-              report: QualityReport) -> tuple[list[dict], list[dict]]:
-    """Apply image checks, then the kept images' annotation problems, in image order."""
-    kept, rows = [], []
+def _assemble(records: list[dict], image_checks, converted: dict, ann_ids: dict,
+              report: QualityReport) -> tuple[list[dict], dict]:
+    """Apply image checks, then the kept images' annotation problems, in image order.
+
+    ``ann_ids``: annotation ids per image id (those of a dropped image are reported)."""
+    kept, columns = [], {name: [] for name in INSTANCE_FIELDS}
     for record, check in zip(records, image_checks):
         image_id = record["id"]
         if record_check(check, report, label=f"image {image_id}"):
             kept.append(record)
-            image_rows, problems = converted.get(image_id, ([], []))
-            for reason, message in problems:
-                report.drop("annotations", reason, message)
-            rows.extend(image_rows)
+            if image_id in converted:
+                image_columns, problems = converted[image_id]
+                for reason, message in problems:
+                    report.drop("annotations", reason, message)
+                for name, values in image_columns.items():
+                    columns[name].extend(values)
             continue
-        for ann in by_image.get(image_id, []):
+        for ann_id in ann_ids.get(image_id, []):
             report.drop("annotations", "image_dropped",
-                        f"annotation {ann['id']}: its image {image_id} was dropped")
-    return kept, rows
+                        f"annotation {ann_id}: its image {image_id} was dropped")
+    return kept, columns
+
+
+@contextmanager
+def _collector_paused():
+    """Pause the cyclic garbage collector: the parsed json is a large graph of containers
+    that each collection would walk again while conversion allocates (nothing here makes
+    reference cycles); it runs again, and catches up, on exit."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def read(params: dict, report: QualityReport) -> SourceTables:
@@ -169,6 +232,11 @@ def read(params: dict, report: QualityReport) -> SourceTables:
     root), split (optional split name given to every image; empty = split later),
     verify_images, max_image_pixels and workers (see `sources.checks`).
     """
+    with _collector_paused():
+        return _read(params, report)
+
+
+def _read(params: dict, report: QualityReport) -> SourceTables:
     root = Path(params["root"])
     path = root / params["annotations"]
     data = load_json(path)
@@ -179,20 +247,32 @@ def read(params: dict, report: QualityReport) -> SourceTables:
     records = _valid_records(data, root, params.get("images", ""), report)
     image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
                                   params)
+    # Each image's annotations are converted while the image checks run, and then let go,
+    # so that the memory of the parsed polygons is reused for the tables as they grow.
     by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in data.get("annotations", []):
+    for ann in data.pop("annotations", []):
         by_image[ann["image_id"]].append(ann)
-    # Annotations are converted while the image checks run; their problems are reported
-    # afterwards, so the annotations of a dropped image count once, as image_dropped.
-    converted = {r["id"]: convert_annotations(by_image[r["id"]], r)
-                 for r in tqdm(records, desc="annotations", unit="img", disable=None,
-                               leave=False) if r["id"] in by_image}
+    categories = make_categories(_category_rows(data))
+    data.clear()
+    converted, ann_ids = {}, {}
+    for record in tqdm(records, desc="annotations", unit="img", disable=None, leave=False):
+        anns = by_image.pop(record["id"], None)
+        if anns:
+            ann_ids[record["id"]] = [ann["id"] for ann in anns]
+            converted[record["id"]] = convert_annotations(anns, record)
+    for image_id, anns in by_image.items():  # left: those of unusable image records
+        for ann in anns:
+            report.drop("annotations", "image_dropped",
+                        f"annotation {ann['id']}: its image {image_id} was dropped")
+    del by_image
     checks = tqdm(image_checks, total=len(records), desc="images", unit="img", disable=None,
                   leave=False)
-    kept, rows = _assemble(records, checks, converted, by_image, report)
+    kept, columns = _assemble(records, checks, converted, ann_ids, report)
+    del converted
     split = params.get("split") or ""
     images = make_images({"image_id": r["id"], "file_name": r["relative"],
                           "width": r["width"], "height": r["height"], "split": split,
                           "source": "coco"} for r in kept)
-    logger.info("%s: %d images, %d annotations kept", path, len(images), len(rows))
-    return SourceTables(images, make_instances(rows), make_categories(_category_rows(data)))
+    logger.info("%s: %d images, %d annotations kept", path, len(images),
+                len(columns["instance_id"]))
+    return SourceTables(images, instances_from_columns(columns), categories)
