@@ -1,6 +1,6 @@
 """Rewrite the results block of README.md from the latest Kedro outputs.
 
-Reads the newest version of coco_metrics, pq_metrics, training_history and
+Reads the newest version of coco_metrics, pq_metrics, cityscapes_metrics, training_history and
 data_quality_report under data/08_reporting/<source_name>/, copies the newest figures into
 docs/results/ and replaces the text between the results markers with a table and a
 gallery. Without markers, the block is appended under a "## Results" heading. The block
@@ -56,6 +56,7 @@ def load_outputs(reporting: Path) -> dict:
     and the version each came from; a missing output is None (logged)."""
     outputs: dict = {"versions": {}}
     for name, reader in (("coco_metrics.json", _read_json), ("pq_metrics.json", _read_json),
+                         ("cityscapes_metrics.json", _read_json),
                          ("data_quality_report.json", _read_json),
                          ("training_history.parquet", pd.read_parquet)):
         found = latest_file(reporting / name)
@@ -109,15 +110,19 @@ def training_summary(history: pd.DataFrame | None) -> tuple[str, str]:
 
 
 def summary_table(outputs: dict) -> list[str]:
-    """Markdown rows: PQ / SQ / RQ, training iterations and time, images and instances."""
+    """Markdown rows: PQ / SQ / RQ, Cityscapes-style AP / AP50, training iterations and
+    time, images and instances."""
     pq = (outputs["pq_metrics"] or {}).get("all", {})
     quality = outputs["data_quality_report"] or {}
     iterations, wall_time = training_summary(outputs["training_history"])
     crowd = quality.get("crowd_instances")
     instances = str(quality.get("instances", "–")) + (f" ({crowd} crowd)" if crowd else "")
-    return ["| PQ | SQ | RQ | training iterations | training time | images | instances |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    city = outputs.get("cityscapes_metrics") or {}
+    return [("| PQ | SQ | RQ | Cityscapes AP | Cityscapes AP50 | training iterations "
+            "| training time | images | instances |"),
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             (f"| {_number(pq.get('pq'))} | {_number(pq.get('sq'))} | {_number(pq.get('rq'))} "
+             f"| {_number(city.get('AP'))} | {_number(city.get('AP50'))} "
              f"| {iterations} | {wall_time} | {quality.get('images', '–')} | {instances} |")]
 
 

@@ -50,6 +50,7 @@ def outputs(tmp_path) -> Path:
         _save(reporting, "coco_metrics.json", version, _json(_coco(segm, bbox)))
     _save(reporting, "pq_metrics.json", NEW, _json(
         {"all": {"pq": 0.3456, "sq": 0.8, "rq": 0.432}, "things": {"pq": 0.3456}}))
+    _save(reporting, "cityscapes_metrics.json", NEW, _json({"AP": 0.2345, "AP50": 0.5432}))
     _save(reporting, "data_quality_report.json", NEW, _json(
         {"images": 120, "instances": 385, "crowd_instances": 12}))
     history = pd.DataFrame({"iteration": np.arange(400), "loss": 1.0,
@@ -79,7 +80,8 @@ def test_table_holds_the_newest_outputs_and_links_the_figures(outputs):
     block = _block(readme.read_text())
     assert "| mask (segm) | 0.432 | 0.632 | 0.382 |" in block
     assert "| box (bbox) | 0.568 | 0.768 | 0.518 |" in block
-    assert "| 0.346 | 0.800 | 0.432 | 400 | 3.3 min | 120 | 385 (12 crowd) |" in block
+    assert "| 0.346 | 0.800 | 0.432 | 0.234 | 0.543 | 400 | 3.3 min | 120 | 385 (12 crowd) |" \
+        in block
     assert NEW in block and "stale" not in block and "0.100" not in block
     links = [line for line in block.splitlines() if line.startswith("![")]
     assert links == ["![dataset statistics](docs/results/dataset_statistics.png)",
@@ -134,7 +136,7 @@ def test_undefined_coco_values_and_missing_reports_show_dashes(outputs):
     reporting = outputs / "data/08_reporting/synthetic"
     newest = reporting / "coco_metrics.json" / NEW / "coco_metrics.json"
     newest.write_text(json.dumps({"segm": {"mAP": -1.0, "mAP_50": 0.5, "mAP_75": -1.0}}))
-    for name in ("pq_metrics.json", "training_history.parquet"):
+    for name in ("pq_metrics.json", "cityscapes_metrics.json", "training_history.parquet"):
         shutil.rmtree(reporting / name)
     readme = outputs / "README.md"  # absent: created with the block alone
     assert _run(outputs).returncode == 0
@@ -142,4 +144,4 @@ def test_undefined_coco_values_and_missing_reports_show_dashes(outputs):
     block = _block(readme.read_text())
     assert "| mask (segm) | – | 0.500 | – |" in block
     assert "| box (bbox) | – | – | – |" in block
-    assert "| – | – | – | – | – | 120 | 385 (12 crowd) |" in block
+    assert "| – | – | – | – | – | – | – | 120 | 385 (12 crowd) |" in block
