@@ -338,6 +338,25 @@ def test_export_pipeline_fails_when_parity_breaks(trained, tmp_path):
         _run_export(trained, tmp_path, mask_iou_min=1.01)
 
 
+def test_tracing_example_is_searched_beyond_the_parity_images(network, tmp_path):
+    """Blank val images (no detections) come first; the search goes on to a scene, and
+    fails with a clear message when no image within the limit has a detection."""
+    from instseg_pipeline.pipelines.export.nodes import find_example
+
+    scenes = _val_images(tmp_path)
+    blanks = []
+    for index, (h, w) in enumerate([(90, 120), (96, 96), (98, 131)], start=10):  # none found
+        Image.fromarray(export.blank_image(h, w)).save(tmp_path / f"{index}.png")
+        blanks.append({"image_id": index - 10, "file_name": f"{index}.png", "width": w,
+                       "height": h, "split": "val", "source": "test"})
+    table = pd.concat([pd.DataFrame(blanks), scenes.assign(image_id=scenes["image_id"] + 10)])
+    example = find_example(network, table, str(tmp_path), limit=6)
+    assert example.std() > 0 and len(export.eager_detect(network, export.to_chw(example))[
+        "scores"])
+    with pytest.raises(export.ExportError, match=r"none of the 3 val images tried \(\[0, 1, 2"):
+        find_example(network, table, str(tmp_path), limit=3)
+
+
 def _conditioned_mobilenet():
     """Untrained MobileNetV3 Mask R-CNN made numerically tame for a parity check.
 

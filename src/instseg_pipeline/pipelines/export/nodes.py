@@ -28,34 +28,50 @@ def select_images(images: pd.DataFrame, root: str, count: int,
 
     Distinct sizes first, by image id: the graph must hold for sizes it was not traced at.
     """
-    rows = images[images["split"] == split].sort_values("image_id")
-    if rows.empty:
-        raise ValueError(f"no {split!r} images in the images table; export checks need some")
-    distinct = rows.drop_duplicates(["height", "width"])
-    rows = pd.concat([distinct, rows.drop(distinct.index)]).head(int(count))
+    rows = _rows(images, split, count)
     arrays = [load_image(Path(root) / r.file_name, expected_size=(r.width, r.height))[0]
               for r in rows.itertuples()]
     return arrays, rows["image_id"].tolist()
 
 
-def _example(network, arrays: list[np.ndarray], ids: list) -> np.ndarray:
-    """The first image the network finds something in (tracing needs detections)."""
-    for array in arrays:
-        if len(onnx_export.eager_detect(network, onnx_export.to_chw(array))["scores"]):
+def _rows(images: pd.DataFrame, split: str, count: int) -> pd.DataFrame:
+    """Up to ``count`` rows of ``split``: one per distinct size first, then the rest."""
+    rows = images[images["split"] == split].sort_values("image_id")
+    if rows.empty:
+        raise ValueError(f"no {split!r} images in the images table; export checks need some")
+    distinct = rows.drop_duplicates(["height", "width"])
+    return pd.concat([distinct, rows.drop(distinct.index)]).head(int(count))
+
+
+def _detects(network, array: np.ndarray) -> bool:
+    return bool(len(onnx_export.eager_detect(network, onnx_export.to_chw(array))["scores"]))
+
+
+def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.ndarray:
+    """The first of up to ``limit`` val images (distinct sizes first) in which the network
+    finds something: tracing an image without detections records only the empty path."""
+    rows = _rows(images, "val", limit)
+    for row in rows.itertuples():
+        array = load_image(Path(root) / row.file_name, expected_size=(row.width, row.height))[0]
+        if _detects(network, array):
+            logger.info("tracing the export on val image %s (%dx%d)", row.image_id, row.width,
+                        row.height)
             return array
     raise onnx_export.ExportError(
-        f"none of the images {ids} yields a detection, and tracing an image without one "
-        "records only the empty path; train longer or lower the model's box_score_thresh")
+        f"none of the {len(rows)} val images tried ({rows['image_id'].tolist()[:10]}...) "
+        "yields a detection, and tracing an image without one records only the empty path; "
+        "train longer, lower the model's box_score_thresh or raise export.example_search")
 
 
 def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict) -> dict:
     """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image."""
     network = _network(model)
-    arrays, ids = select_images(images, source["root"], export["parity"]["num_images"])
+    example = find_example(network, images, source["root"],
+                           int(export.get("example_search", 32)))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         manifest = onnx_export.export_onnx(
-            network, path, opset=export["opset"], example=_example(network, arrays, ids),
+            network, path, opset=export["opset"], example=example,
             classes=model["classes"], config=model["config"],
             iterations=int(model.get("iterations", 0)))
         return {"onnx": path.read_bytes(), "manifest": manifest}
