@@ -62,7 +62,7 @@ def test_repro_runs_all_then_nothing_then_only_downstream(clone):
     assert _ran(second) == [], second
 
     params = clone / "conf/ci/parameters_training.yml"
-    params.write_text(params.read_text().replace("max_iters: 40", "max_iters: 30"))
+    params.write_text(params.read_text().replace("max_iters: 40", "max_iters: 50"))
     third = _dvc(clone, "repro")
     assert _ran(third) == ["training", "evaluation", "export"]
 
