@@ -73,3 +73,22 @@ def coco_params(root: Path, **extra) -> dict:
 
 def decode(counts: str, height: int, width: int) -> np.ndarray:
     return masks.decode_strings([counts], height, width)[0]
+
+
+# cocoapi results/val2014_fake_eval_res.txt at full precision (see the data's SOURCE.md)
+REFERENCE = {
+    "bbox": [0.5045806987249628, 0.6969727247299577, 0.5729816669904824, 0.5856257209410443,
+             0.5193996948036719, 0.5013978986347466, 0.38681277964578054, 0.5936795762842003,
+             0.595352982877607, 0.6398109626113442, 0.5664205978994309, 0.5642905982905982],
+    "segm": [0.3195452758576433, 0.5622883972521636, 0.29892653412086784, 0.3873740315997838,
+             0.31018272403369485, 0.3269339071005138, 0.2682297225711534, 0.41544868114906375,
+             0.4168394992198818, 0.4694498622754236, 0.37675922666197265, 0.3814715099715099],
+}
+RESULT_FILES = {"bbox": "instances_val2014_fakebbox100_results.json",
+                "segm": "instances_val2014_fakesegm100_results.json"}
+
+
+def fake_paths(root: Path, iou_type: str) -> tuple[Path, Path]:
+    """(ground-truth json, fake results json) of cocoapi-fake-results for ``iou_type``."""
+    return (root / "ground_truth" / "instances_val2014_100.json",
+            root / "results" / RESULT_FILES[iou_type])

@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
+from process_fixtures import free_port, running
 from pycocotools import mask as mask_utils
 from test_predictor import (
     CLASSES,
@@ -36,50 +34,14 @@ TINY_SAM = {"image_size": 128, "patch_size": 16, "encoder_embed_dim": 32, "encod
             "decoder_num_heads": 2, "iou_head_hidden_dim": 32}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSTSEG_")}
     return {**env, **extra}
 
 
-@contextmanager
 def server(args: list[str], log: Path, cwd: Path, env: dict | None = None):
     """A server process started with ``args`` (port appended); yields its base URL."""
-    port = free_port()
-    with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)],
-                                   cwd=cwd, env=env or _clean_env(), stdout=output,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(process, url, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
+    return running(args, log, cwd, env or _clean_env(), "/health", "server")
 
 
 @pytest.fixture(scope="module")

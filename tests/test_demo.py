@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from process_fixtures import running
 from pycocotools import mask as mask_utils
 from test_predictor import CLASSES, png_bytes, save_checkpoint, scene
 
@@ -79,12 +76,6 @@ NETWORK_AUDIT = textwrap.dedent("""
 
 # --- the demo process ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _demo_env(folder: Path) -> dict:
     hooks = folder / "hooks"
     hooks.mkdir()
@@ -94,40 +85,11 @@ def _demo_env(folder: Path) -> dict:
             "INSTSEG_NETWORK_AUDIT": str(folder / "network.log")}
 
 
-def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"demo exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/config", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"demo not ready after {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-
-
-@contextmanager
 def demo_process(args: list[str], folder: Path):
     """``instseg-demo`` with ``args`` on a free port in ``folder``; yields its URL."""
-    port, log = free_port(), folder / "demo.log"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "instseg_pipeline.commands.demo", *args, "--host",
-             "127.0.0.1", "--port", str(port)], cwd=folder, env=_demo_env(folder),
-            stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(process, url, log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return running(["instseg_pipeline.commands.demo", *args, "--host", "127.0.0.1"],
+                   folder / "demo.log", folder, _demo_env(folder), "/config", "demo",
+                   STARTUP_S)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@
 same global batch; rank helpers in a single process."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import torch
+from process_fixtures import free_port
 from torch import nn
 
 from instseg_pipeline import distributed
@@ -77,12 +77,6 @@ def train_and_collect(checkpoint_dir: str) -> dict:
                    callbacks=[keep_grads])
     return {"rank": rank, "world": world, "grads": grads, "state": result.state_dict,
             "checkpoint": result.last_checkpoint}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_gloo_workers_match_one_process(tmp_path):

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from coco_fixtures import REFERENCE, fake_paths
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -24,23 +25,7 @@ from instseg_pipeline.metrics.coco import (
     evaluate_files,
 )
 
-# cocoapi results/val2014_fake_eval_res.txt at full precision (see the data's SOURCE.md)
-REFERENCE = {
-    "bbox": [0.5045806987249628, 0.6969727247299577, 0.5729816669904824, 0.5856257209410443,
-             0.5193996948036719, 0.5013978986347466, 0.38681277964578054, 0.5936795762842003,
-             0.595352982877607, 0.6398109626113442, 0.5664205978994309, 0.5642905982905982],
-    "segm": [0.3195452758576433, 0.5622883972521636, 0.29892653412086784, 0.3873740315997838,
-             0.31018272403369485, 0.3269339071005138, 0.2682297225711534, 0.41544868114906375,
-             0.4168394992198818, 0.4694498622754236, 0.37675922666197265, 0.3814715099715099],
-}
-RESULT_FILES = {"bbox": "instances_val2014_fakebbox100_results.json",
-                "segm": "instances_val2014_fakesegm100_results.json"}
 IOU_TYPES = ("segm", "bbox")
-
-
-def _fake_paths(root, iou_type):
-    return (root / "ground_truth" / "instances_val2014_100.json",
-            root / "results" / RESULT_FILES[iou_type])
 
 
 def _as_vector(stats: dict) -> np.ndarray:
@@ -172,14 +157,14 @@ def random_data(request):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("iou_type", IOU_TYPES)
 def test_reference_numbers_from_files(fake_results_dir, iou_type, backend):
-    gt_path, results_path = _fake_paths(fake_results_dir, iou_type)
+    gt_path, results_path = fake_paths(fake_results_dir, iou_type)
     stats = evaluate_files(gt_path, results_path, iou_type=iou_type, backend=backend)
     np.testing.assert_allclose(_as_vector(stats), REFERENCE[iou_type], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reference_numbers_from_coco_object(fake_results_dir, backend):
-    gt_path, results_path = _fake_paths(fake_results_dir, "segm")
+    gt_path, results_path = fake_paths(fake_results_dir, "segm")
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
     results = json.loads(results_path.read_text())
@@ -404,7 +389,7 @@ def test_zero_annotation_ids_are_handled():
 # ---------------------------------------------------------------- files
 
 def test_evaluate_files_errors_name_the_file(tmp_path, fake_results_dir):
-    gt_path, results_path = _fake_paths(fake_results_dir, "bbox")
+    gt_path, results_path = fake_paths(fake_results_dir, "bbox")
     missing = tmp_path / "missing.json"
     with pytest.raises(MetricInputError, match=f"{missing}.*does not exist"):
         evaluate_files(missing, results_path, "bbox")

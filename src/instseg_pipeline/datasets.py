@@ -1,4 +1,5 @@
-"""Catalog datasets for what kedro-datasets has no type for: trained torch models.
+"""Catalog datasets for what kedro-datasets has no type for: trained torch models, and the
+local versioned-file base that `export.OnnxModelDataset` shares.
 
 Pickle is no format for torch models (it ties the file to the code's class layout and
 loads arbitrary objects); `TorchModelDataset` stores a plain dict of tensors and simple
@@ -11,10 +12,30 @@ from glob import glob
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io import AbstractVersionedDataset, Version
+from kedro.io import AbstractVersionedDataset, DatasetError, Version
 
 
-class TorchModelDataset(AbstractVersionedDataset[dict, dict]):
+class LocalVersionedDataset(AbstractVersionedDataset[dict, dict]):
+    """A versioned dataset of one local file (``filepath``, optional ``metadata``); the
+    subclass writes ``load`` and ``save``."""
+
+    def __init__(self, *, filepath: str, version: Version | None = None,
+                 metadata: dict[str, Any] | None = None):
+        super().__init__(filepath=PurePosixPath(filepath), version=version,
+                         exists_function=os.path.exists, glob_function=glob)
+        self.metadata = metadata
+
+    def _exists(self) -> bool:
+        try:
+            return Path(self._get_load_path()).exists()
+        except DatasetError:  # no version saved yet
+            return False
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}
+
+
+class TorchModelDataset(LocalVersionedDataset):
     """A trained model as ``{"config": {...}, "state_dict": {...}, "classes": {...}, ...}``.
 
     ``config`` is what `instseg_pipeline.models.load_model` needs to rebuild the network.
@@ -29,12 +50,6 @@ class TorchModelDataset(AbstractVersionedDataset[dict, dict]):
           versioned: true
     """
 
-    def __init__(self, *, filepath: str, version: Version | None = None,
-                 metadata: dict[str, Any] | None = None):
-        super().__init__(filepath=PurePosixPath(filepath), version=version,
-                         exists_function=os.path.exists, glob_function=glob)
-        self.metadata = metadata
-
     def load(self) -> dict:
         import torch
 
@@ -48,12 +63,3 @@ class TorchModelDataset(AbstractVersionedDataset[dict, dict]):
         partial = path.with_name(path.name + ".partial")
         torch.save(data, partial)
         os.replace(partial, path)
-
-    def _exists(self) -> bool:
-        try:
-            return Path(self._get_load_path()).exists()
-        except Exception:  # noqa: BLE001 - no version saved yet
-            return False
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}

@@ -43,12 +43,11 @@ import types
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from glob import glob
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 import numpy as np
-from kedro.io import AbstractVersionedDataset, DatasetError, Version
+
+from instseg_pipeline.datasets import LocalVersionedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -653,7 +652,7 @@ def measure_latency(network, onnx_model: str | Path | bytes, images: Sequence[np
 
 # --- catalog dataset ---------------------------------------------------------------------------
 
-class OnnxModelDataset(AbstractVersionedDataset[dict, dict]):
+class OnnxModelDataset(LocalVersionedDataset):
     """An exported model as ``{"onnx": bytes, "manifest": dict}``, versioned.
 
     Saves a plain ``<name>.onnx`` (any ONNX tool opens it) and ``<name>.manifest.json``
@@ -667,12 +666,6 @@ class OnnxModelDataset(AbstractVersionedDataset[dict, dict]):
           filepath: data/06_models/${globals:source_name}/model.onnx
           versioned: true
     """
-
-    def __init__(self, *, filepath: str, version: Version | None = None,
-                 metadata: dict[str, Any] | None = None):
-        super().__init__(filepath=PurePosixPath(filepath), version=version,
-                         exists_function=os.path.exists, glob_function=glob)
-        self.metadata = metadata
 
     def load(self) -> dict:
         path = Path(self._get_load_path())
@@ -693,12 +686,3 @@ class OnnxModelDataset(AbstractVersionedDataset[dict, dict]):
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
             handle.write(data["onnx"])
         os.replace(handle.name, path)
-
-    def _exists(self) -> bool:
-        try:
-            return Path(self._get_load_path()).exists()
-        except DatasetError:  # no version saved yet
-            return False
-
-    def _describe(self) -> dict[str, Any]:
-        return {"filepath": str(self._filepath), "version": self._version}

@@ -142,3 +142,28 @@ def needs_exif_override(info: ImageInfo, expected_size: tuple[int, int]) -> bool
     oriented = (info.width, info.height)
     return oriented != tuple(expected_size) and (info.raw_width, info.raw_height) == tuple(
         expected_size)
+
+
+# Modes whose pixels are the stored integers; "P" gives palette indices, never colours.
+ID_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def read_id_map(path: Path) -> np.ndarray:
+    """int64 [H, W] ids of a one-channel mask (PNG; TIFF for 32 bit) at full bit depth.
+
+    Fortran-ordered, because pycocotools encodes column-major masks without a copy.
+
+    Raises `ImageProblem` (``unreadable_mask`` / ``unsupported_mask_mode``).
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode not in ID_MODES:
+                raise ImageProblem("unsupported_mask_mode",
+                                   f"{path}: mask mode {image.mode} is not one id per pixel "
+                                   f"(expected one of {', '.join(ID_MODES)})")
+            return np.asfortranarray(np.asarray(image), dtype=np.int64)
+    except ImageProblem:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, DecompressionBombError...
+        raise ImageProblem("unreadable_mask", f"{path}: cannot read mask ({exc})") from None

@@ -20,17 +20,13 @@ EXAMPLES_FOLDER = "data/01_raw/synthetic/images"
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from instseg_pipeline.commands.serve import add_model_options
+
     parser = argparse.ArgumentParser(
         prog="instseg-demo",
         description="Browser demo of the trained instance segmentation model (Gradio): "
                     "upload an image to see its instances, or click on objects to segment "
                     "them. Nothing leaves the machine: no share link, no analytics.")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="trained model file (model.pt saved by the "
-                                             "training pipeline) to run with torch")
-    source.add_argument("--onnx", help="exported model.onnx to run with ONNX Runtime; its "
-                                       "manifest's SHA-256 must match")
-    parser.add_argument("--manifest", help="manifest json of --onnx when it is not beside it")
     parser.add_argument("--root", help="project folder searched for "
                                        "data/06_models/<source>/model.pt/<version>/model.pt "
                                        "when no model is given, and for example images "
@@ -47,24 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="start value of the score threshold sliders (default: "
                              "%(default)s)")
-    parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda[:N] "
-                                         "(default: auto)")
-    parser.add_argument("--threads", type=int,
-                        help="intra-op threads of torch / ONNX Runtime (default: one per "
-                             "core; use fewer where cores are shared)")
-    parser.add_argument("--sam-checkpoint", help="Segment Anything checkpoint that answers "
-                                                 "clicks (default: none, the trained model "
-                                                 "and GrabCut answer)")
-    parser.add_argument("--sam-model-type", help="vit_h, vit_l or vit_b for official SAM "
-                                                 "checkpoints (default: vit_b)")
-    parser.add_argument("--max-upload-bytes", type=int,
-                        help="largest accepted upload (default 20 MiB)")
-    parser.add_argument("--max-pixels", type=int,
-                        help="largest accepted width x height, read from the image header "
-                             "before decoding (default 40 million)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug"],
-                        help="log level (default: %(default)s)")
+    add_model_options(parser, "to run")
     return parser
 
 

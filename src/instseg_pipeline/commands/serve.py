@@ -9,32 +9,21 @@ import sys
 logger = logging.getLogger(__name__)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="instseg-serve",
-        description="Serve the trained instance segmentation model over HTTP: POST /segment, "
-                    "POST /segment_interactive, GET /health, GET /model (OpenAPI docs at "
-                    "/docs). Options left out fall back to the INSTSEG_* environment "
-                    "variables, then to the newest trained model under --root.")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface to bind; 0.0.0.0 exposes the service to the "
-                             "network (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8000,
-                        help="TCP port; 0 picks a free one (default: %(default)s)")
+def add_model_options(parser: argparse.ArgumentParser, use: str) -> None:
+    """The options `settings_from_args` reads (model, device, SAM, limits, threads, log
+    level), shared by `instseg-serve` and `instseg-demo`; ``use`` ends the model options'
+    help ("to serve with torch")."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="trained model file (model.pt saved by the "
-                                             "training pipeline) to serve with torch")
-    source.add_argument("--onnx", help="exported model.onnx to serve with ONNX Runtime; its "
+                                             f"training pipeline) {use} with torch")
+    source.add_argument("--onnx", help=f"exported model.onnx {use} with ONNX Runtime; its "
                                        "manifest's SHA-256 must match")
     parser.add_argument("--manifest", help="manifest json of --onnx when it is not beside it")
-    parser.add_argument("--root", help="project folder searched for "
-                                       "data/06_models/<source>/model.pt/<version>/model.pt "
-                                       "when no model is given (default: the working folder)")
     parser.add_argument("--device", help="auto (CUDA when present), cpu or cuda[:N] "
                                          "(default: auto)")
     parser.add_argument("--sam-checkpoint", help="Segment Anything checkpoint that answers "
-                                                 "/segment_interactive (default: none, the "
-                                                 "trained model and GrabCut answer)")
+                                                 "point prompts (default: none, the trained "
+                                                 "model and GrabCut answer)")
     parser.add_argument("--sam-model-type", help="vit_h, vit_l or vit_b for official SAM "
                                                  "checkpoints (default: vit_b)")
     parser.add_argument("--max-upload-bytes", type=int,
@@ -47,7 +36,25 @@ def _build_parser() -> argparse.ArgumentParser:
                              "core; use fewer where cores are shared)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
-                        help="server log level (default: %(default)s)")
+                        help="log level (default: %(default)s)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instseg-serve",
+        description="Serve the trained instance segmentation model over HTTP: POST /segment, "
+                    "POST /segment_interactive, GET /health, GET /model (OpenAPI docs at "
+                    "/docs). Options left out fall back to the INSTSEG_* environment "
+                    "variables, then to the newest trained model under --root.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind; 0.0.0.0 exposes the service to the "
+                             "network (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="TCP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--root", help="project folder searched for "
+                                       "data/06_models/<source>/model.pt/<version>/model.pt "
+                                       "when no model is given (default: the working folder)")
+    add_model_options(parser, "to serve")
     return parser
 
 

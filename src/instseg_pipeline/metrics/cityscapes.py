@@ -267,14 +267,13 @@ def evaluate(matches: Iterable[ImageMatches], classes: Mapping[int, str] = CLASS
 
 def read_id_map(path: str | Path) -> np.ndarray:
     """A gtFine instanceIds PNG at full bit depth as int64 ``[H, W]``."""
-    from PIL import Image, UnidentifiedImageError
+    from instseg_pipeline.images import ImageProblem
+    from instseg_pipeline.images import read_id_map as read_ids
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image, dtype=np.int64) if image.mode in ("I", "I;16", "L") \
-                else np.asarray(image.convert("I"), dtype=np.int64)
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise MetricInputError(f"{path}: cannot read the ground-truth map ({exc})") from None
+        return read_ids(Path(path))
+    except ImageProblem as exc:
+        raise MetricInputError(f"cannot read the ground-truth map: {exc}") from None
 
 
 def _read_mask(path: Path, where: str) -> np.ndarray:

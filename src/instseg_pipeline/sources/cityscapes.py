@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from instseg_pipeline.images import ImageProblem
+from instseg_pipeline.images import ImageProblem, read_id_map
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables
 from instseg_pipeline.sources.checks import verify_mode
@@ -37,9 +37,7 @@ from instseg_pipeline.sources.mask_folder import (
     check_image,
     id_values,
     instance_row,
-    log_counts,
-    progress,
-    read_id_map,
+    read_images,
 )
 from instseg_pipeline.tables import make_categories, make_images, make_instances
 
@@ -143,12 +141,8 @@ def read(params: dict, report: QualityReport) -> SourceTables:
     root = Path(params["root"])
     found = find_images(root, _splits(params))
     logger.info("%s: %d images under %s", SOURCE, len(found), root / "leftImg8bit")
-    images, instances = [], []
-    for image_id, (image, split) in enumerate(progress(found, SOURCE), start=1):
-        row, rows = _read_one(image, split, image_id, params, report)
-        if row is not None:
-            images.append(row)
-            instances.extend(rows)
-    log_counts(SOURCE, images, instances, report)
+    images, instances = read_images(
+        found, lambda image, split, image_id: _read_one(image, split, image_id, params, report),
+        SOURCE, report)
     return SourceTables(make_images(images), make_instances(instances),
                         make_categories(categories_rows()))

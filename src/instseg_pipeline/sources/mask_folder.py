@@ -23,7 +23,7 @@ Ids, stable for a given file set (dropping an image never renumbers the others):
 - ``instance_id``: ``image_id * 100_000 + mask id value``, so an instance names its pixels.
 - ``category_id``: 1..K over the class names in alphabetical order.
 
-The generic helpers here (`read_id_map`, `check_image`, `instance_row`) are shared with the
+The generic helpers here (`check_image`, `instance_row`, `read_images`) are shared with the
 cityscapes source, whose instanceIds PNG is one more id map.
 """
 from __future__ import annotations
@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from instseg_pipeline.images import ImageProblem
+from instseg_pipeline.images import ImageProblem, read_id_map
 from instseg_pipeline.masks import bitmap_to_rle, rle_area, rle_bbox, rle_to_string
 from instseg_pipeline.quality import IngestionError, QualityReport
 from instseg_pipeline.sources import SourceTables, checks
@@ -50,32 +49,8 @@ SOURCE = "mask_folder"
 ID_FACTOR = 100_000  # instance_id = image_id * ID_FACTOR + mask value; values must stay below
 SPLIT_DIRS = ("train", "val", "test")
 DEFAULT_GLOBS = ("*.png", "*.jpg", "*.jpeg")
-# Modes whose pixels are the stored integers; "P" gives palette indices, never colours.
-ID_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
-
 
 # ---------------------------------------------------------------- shared with cityscapes
-def read_id_map(path: Path) -> np.ndarray:
-    """int64 [H, W] ids of a one-channel mask (PNG; TIFF for 32 bit) at full bit depth.
-
-    Fortran-ordered, because pycocotools encodes column-major masks without a copy.
-
-    Raises `ImageProblem` (``unreadable_mask`` / ``unsupported_mask_mode``).
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in ID_MODES:
-                raise ImageProblem("unsupported_mask_mode",
-                                   f"{path}: mask mode {image.mode} is not one id per pixel "
-                                   f"(expected one of {', '.join(ID_MODES)})")
-            return np.asfortranarray(np.asarray(image), dtype=np.int64)
-    except ImageProblem:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, DecompressionBombError...
-        raise ImageProblem("unreadable_mask", f"{path}: cannot read mask ({exc})") from None
-
-
 def id_values(ids: np.ndarray) -> list[int]:
     """Sorted distinct values of an int64 [H, W] id map."""
     if ids.min() >= 0 and ids.max() < 1 << 20:  # counting beats sorting for 8/16-bit ids
@@ -104,13 +79,22 @@ def progress(items: list, description: str):
     return tqdm(items, desc=description, unit="img", disable=None)
 
 
-def log_counts(source: str, images: list[dict], instances: list[dict],
-               report: QualityReport) -> None:
-    """Log what a source kept and dropped."""
+def read_images(found: list[tuple[Path, str]], read_one, source: str,
+                report: QualityReport) -> tuple[list[dict], list[dict]]:
+    """``images`` and ``instances`` rows of the (image path, split) pairs in ``found``,
+    image ids 1, 2, ... in that order; ``read_one(image, split, image_id)`` returns the
+    image's row (None when dropped) and its instance rows. Logs what was kept and dropped."""
+    images, instances = [], []
+    for image_id, (image, split) in enumerate(progress(found, source), start=1):
+        row, rows = read_one(image, split, image_id)
+        if row is not None:
+            images.append(row)
+            instances.extend(rows)
     crowd = sum(1 for row in instances if row["iscrowd"])
     dropped = sum(report.dropped["images"].values())
     logger.info("%s: %d images, %d instances (%d crowd), %d images dropped %s", source,
                 len(images), len(instances), crowd, dropped, dict(report.dropped["images"]))
+    return images, instances
 
 
 # ---------------------------------------------------------------- classes
@@ -291,12 +275,8 @@ def read(params: dict, report: QualityReport) -> SourceTables:
     found = sorted(find_images(image_dir, params),
                    key=lambda pair: pair[0].relative_to(root).as_posix())
     logger.info("%s: %d image files under %s", SOURCE, len(found), image_dir)
-    images, instances = [], []
-    for image_id, (image, split) in enumerate(progress(found, SOURCE), start=1):
-        row, rows = _read_one(image, split, image_id, ctx, report)
-        if row is not None:
-            images.append(row)
-            instances.extend(rows)
-    log_counts(SOURCE, images, instances, report)
+    images, instances = read_images(
+        found, lambda image, split, image_id: _read_one(image, split, image_id, ctx, report),
+        SOURCE, report)
     return SourceTables(make_images(images), make_instances(instances),
                         make_categories(_category_rows(ctx.classes["category_ids"])))
