@@ -28,7 +28,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from instseg_pipeline.serving.predictor import Predictor
+from instseg_pipeline.predict.predictor import Predictor
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,14 +21,14 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instseg_pipeline.metrics.coco import STAT_NAMES, coco_stats
+from instseg_pipeline.evaluation.coco import STAT_NAMES, coco_stats
 
 TOLERANCE = 1e-12
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Time COCO segm evaluation: instseg_pipeline.metrics.coco.coco_stats "
+        description="Time COCO segm evaluation: instseg_pipeline.evaluation.coco.coco_stats "
                     "(backend faster-coco-eval, everything from the dicts included) against "
                     "pycocotools COCOeval evaluate+accumulate+summarize on the same data. "
                     "Exit code 1 when the 12 stats differ by more than 1e-12.")

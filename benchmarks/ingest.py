@@ -61,8 +61,8 @@ report(t, len(rles), import_mib)
 
 OURS = """
 import json, logging, resource, sys, time
-from instseg_pipeline.quality import QualityReport
-from instseg_pipeline.sources import coco
+from instseg_pipeline.data.quality import QualityReport
+from instseg_pipeline.data.sources import coco
 """ + REPORT + """
 logging.disable(logging.WARNING)
 import_mib = peak_mib()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from instseg_pipeline import export
-from instseg_pipeline.images import load_image
+from instseg_pipeline.data.images import load_image
 from instseg_pipeline.models import build_model, load_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/coco128/val2017"

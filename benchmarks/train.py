@@ -5,7 +5,7 @@ and thread count on ../shared/data/coco128, each in a fresh process:
 - plain: the loop of torchvision's detection reference, reduced to its core: a COCO
   Dataset that decodes each item's polygons with pycocotools on the fly, a DataLoader, and
   `loss = sum(model(images, targets).values()); backward; step`;
-- ours: `instseg_pipeline.training.fit` on the canonical tables (RLE decoded in the
+- ours: `instseg_pipeline.engine.fit.fit` on the canonical tables (RLE decoded in the
   Dataset, grouped batches, warmup, clipping, progress bar, checkpoint at the end).
 Prints images/s (after warm-up iterations), peak RSS and the ratio ours / plain.
 Target: images/s ratio >= 1.0.
@@ -96,7 +96,7 @@ print(json.dumps({"images_per_s": images / elapsed, "seconds": elapsed,
 OURS = COMMON + """
 import logging
 import pandas as pd
-from instseg_pipeline.training import fit
+from instseg_pipeline.engine.fit import fit
 logging.disable(logging.WARNING)
 tables = {n: pd.read_parquet(f"{args['tables']}/{n}.parquet")
           for n in ("images", "instances", "categories")}
@@ -130,8 +130,8 @@ print(json.dumps({"images_per_s": args["iters"] * args["batch"] / elapsed, "seco
 
 
 def _ingest(root: Path, out: Path) -> None:
-    from instseg_pipeline.quality import QualityReport
-    from instseg_pipeline.sources import coco
+    from instseg_pipeline.data.quality import QualityReport
+    from instseg_pipeline.data.sources import coco
 
     tables = coco.read({"root": str(root), "annotations": "annotations/instances_train2017.json",
                         "images": "train2017"}, QualityReport("coco"))

@@ -45,10 +45,10 @@ DATA_ANALYSIS = [
     import numpy as np
     import pandas as pd
 
-    from instseg_pipeline.images import load_image
-    from instseg_pipeline.masks import decode_strings
-    from instseg_pipeline.statistics import LARGE_AREA, SMALL_AREA
-    from instseg_pipeline.viz import overlay_masks
+    from instseg_pipeline.data.images import load_image
+    from instseg_pipeline.data.masks import decode_strings
+    from instseg_pipeline.data.statistics import LARGE_AREA, SMALL_AREA
+    from instseg_pipeline.viz.overlays import overlay_masks
 
     # under the package logger, which Kedro sets to INFO
     logger = logging.getLogger("instseg_pipeline.notebooks.data_analysis")
@@ -259,10 +259,10 @@ ERROR_ANALYSIS = [
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from instseg_pipeline.images import load_image
-    from instseg_pipeline.masks import decode_strings
-    from instseg_pipeline.viz import overlay_masks
-    from instseg_pipeline.viz_evaluation import false_negatives, false_positives
+    from instseg_pipeline.data.images import load_image
+    from instseg_pipeline.data.masks import decode_strings
+    from instseg_pipeline.viz.overlays import overlay_masks
+    from instseg_pipeline.viz.evaluation import false_negatives, false_positives
 
     logger = logging.getLogger("instseg_pipeline.notebooks.error_analysis")
     WORST = 4      # images shown side by side

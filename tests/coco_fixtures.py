@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from instseg_pipeline import masks
+from instseg_pipeline.data import masks
 
 
 def square_polygon(x: float, y: float, side: float) -> list[list[float]]:

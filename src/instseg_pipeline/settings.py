@@ -1,8 +1,8 @@
 """Project settings: configuration loading (soft-merged environments) and hooks."""
 from kedro.config import OmegaConfigLoader
 
-from instseg_pipeline.hooks import MlflowRunCleanupHook
-from instseg_pipeline.tracking import project_tracking_uri, untracked_pipelines
+from instseg_pipeline.kedro_ext.hooks import MlflowRunCleanupHook
+from instseg_pipeline.kedro_ext.tracking import project_tracking_uri, untracked_pipelines
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

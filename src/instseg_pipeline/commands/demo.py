@@ -56,8 +56,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 def _load(settings):
     """Predictor and interactive segmenter of ``settings`` (a `ServiceSettings`)."""
+    from instseg_pipeline.predict.predictor import load_predictor
     from instseg_pipeline.serving.interactive import InteractiveSegmenter, load_sam
-    from instseg_pipeline.serving.predictor import load_predictor
 
     predictor = load_predictor(settings.checkpoint, settings.onnx, settings.manifest,
                                settings.device, settings.root, settings.source_name,
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # gradio polls its own server through httpx at start; one line per poll is noise
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.root.level))
     from instseg_pipeline.commands.serve import settings_from_args
-    from instseg_pipeline.serving.predictor import ManifestError, ModelNotFoundError
+    from instseg_pipeline.predict.predictor import ManifestError, ModelNotFoundError
 
     settings = settings_from_args(args)
     try:

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from instseg_pipeline.metrics import MetricInputError
+from instseg_pipeline.evaluation import MetricInputError
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +63,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> dict:
     if args.command == "coco":
-        from instseg_pipeline.metrics.coco import evaluate_files
+        from instseg_pipeline.evaluation.coco import evaluate_files
 
         return evaluate_files(args.gt, args.results, iou_type=args.iou_type,
                               backend=args.backend)
     if args.command == "cityscapes":
-        from instseg_pipeline.metrics.cityscapes import evaluate_folders
+        from instseg_pipeline.evaluation.cityscapes import evaluate_folders
 
         return evaluate_folders(args.gt_folder, args.results, allow_missing=args.allow_missing)
-    from instseg_pipeline.metrics.panoptic import pq_from_files
+    from instseg_pipeline.evaluation.panoptic import pq_from_files
 
     return pq_from_files(args.gt_json, args.gt_folder, args.pred_json, args.pred_folder)
 

@@ -73,7 +73,7 @@ def image_ids(paths: list[Path]) -> list[int]:
 
 def overlay(image: np.ndarray, found, classes: dict) -> np.ndarray:
     """uint8 [H, W, 3] RGB: ``image`` with `Detections` masks tinted, outlined and named."""
-    from instseg_pipeline.viz import _COLORS, overlay_masks
+    from instseg_pipeline.viz.overlays import _COLORS, overlay_masks
 
     picture = (overlay_masks(image / 255.0, found.masks) * 255).clip(0, 255).astype(np.uint8)
     for k, (mask, box, label, score) in enumerate(zip(found.masks, found.boxes, found.labels,
@@ -106,7 +106,7 @@ def predict_files(predictor, paths: list[Path], out: Path, score_threshold: floa
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from instseg_pipeline.images import ImageProblem, load_image
+    from instseg_pipeline.data.images import ImageProblem, load_image
 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     results, images, failed, used = [], [], [], set()
@@ -136,7 +136,7 @@ def predict_files(predictor, paths: list[Path], out: Path, score_threshold: floa
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
-    from instseg_pipeline.serving.predictor import ManifestError, load_predictor
+    from instseg_pipeline.predict.predictor import ManifestError, load_predictor
 
     try:
         paths = collect_images(args.inputs)

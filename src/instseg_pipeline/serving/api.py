@@ -30,8 +30,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from instseg_pipeline.images import ImageProblem
-from instseg_pipeline.masks import bitmap_to_rle, rle_area, rle_to_string
+from instseg_pipeline.data.images import ImageProblem
+from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_to_string
+from instseg_pipeline.predict.predictor import Predictor, decode_upload, load_predictor
 from instseg_pipeline.serving.interactive import (
     InteractiveResult,
     InteractiveSegmenter,
@@ -39,7 +40,6 @@ from instseg_pipeline.serving.interactive import (
     load_sam,
     parse_prompts,
 )
-from instseg_pipeline.serving.predictor import Predictor, decode_upload, load_predictor
 
 logger = logging.getLogger(__name__)
 

@@ -31,15 +31,15 @@ import cv2
 import gradio as gr
 import numpy as np
 
-from instseg_pipeline.images import DEFAULT_MAX_PIXELS, ImageProblem
+from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem
+from instseg_pipeline.predict.predictor import Detections, Predictor, decode_upload
 from instseg_pipeline.serving.interactive import (
     InteractiveResult,
     InteractiveSegmenter,
     PromptError,
     Prompts,
 )
-from instseg_pipeline.serving.predictor import Detections, Predictor, decode_upload
-from instseg_pipeline.viz import _COLORS, overlay_masks
+from instseg_pipeline.viz.overlays import _COLORS, overlay_masks
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _synthetic_examples(root: Path, count: int) -> list[Path]:
-    from instseg_pipeline.sources.synthetic import generate
+    from instseg_pipeline.data.sources.synthetic import generate
 
     # no empty scenes: an example should show something to segment
     generate(root, {"num_images": count, "empty_fraction": 0.0, "crowd_fraction": 0.0})

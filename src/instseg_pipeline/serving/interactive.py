@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from instseg_pipeline.serving.predictor import Predictor, resolve_device
+from instseg_pipeline.predict.predictor import Predictor, resolve_device
 
 logger = logging.getLogger(__name__)
 

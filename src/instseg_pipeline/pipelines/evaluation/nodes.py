@@ -5,8 +5,9 @@ import logging
 
 import pandas as pd
 
-from instseg_pipeline import evaluation, tracking
-from instseg_pipeline.tables import label_mapping
+from instseg_pipeline.data.tables import label_mapping
+from instseg_pipeline.evaluation import metrics as evaluation
+from instseg_pipeline.kedro_ext import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -14,8 +15,8 @@ logger = logging.getLogger(__name__)
 def predict(model: dict, images: pd.DataFrame, categories: pd.DataFrame, source: dict,
             params: dict) -> pd.DataFrame:
     """Run the trained model on the evaluated split; one row per predicted instance."""
-    from instseg_pipeline.inference import predict_images
     from instseg_pipeline.models import load_model
+    from instseg_pipeline.predict.batch import predict_images
 
     network = load_model(model["config"], model["state_dict"])
     to_category = {label: cat for cat, label in label_mapping(categories).items()}
@@ -76,7 +77,7 @@ def plot_visualisation_suite(images: pd.DataFrame, instances: pd.DataFrame,
                              categories: pd.DataFrame, predictions: pd.DataFrame,
                              source: dict, params: dict):
     """Original | GT | predictions | semantic merge for a sample of evaluated images."""
-    from instseg_pipeline.viz_evaluation import visualisation_suite
+    from instseg_pipeline.viz.evaluation import visualisation_suite
 
     figure = visualisation_suite(images, instances, categories, predictions, source["root"],
                                  _val_ids(images, params), params["match_score_threshold"])
@@ -90,7 +91,7 @@ def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, matched: pd.
                                images: pd.DataFrame, instances: pd.DataFrame, source: dict,
                                params: dict):
     """AP breakdown, per-class AP, PR curves, IoU and size analysis, confusions, curves."""
-    from instseg_pipeline.viz_evaluation import performance_dashboard
+    from instseg_pipeline.viz.evaluation import performance_dashboard
 
     figure = performance_dashboard(coco_metrics, pr_arrays, matched, history, val_history,
                                    categories, predictions, images, instances, source["root"],
@@ -104,7 +105,7 @@ def plot_error_analysis(images: pd.DataFrame, instances: pd.DataFrame,
                         categories: pd.DataFrame, predictions: pd.DataFrame,
                         matched: pd.DataFrame, source: dict, params: dict):
     """Worst and best images, false-positive and false-negative galleries."""
-    from instseg_pipeline import viz_evaluation as viz
+    from instseg_pipeline.viz.overlays import evaluation as viz
 
     args = (images, instances, categories, predictions, matched, source["root"])
     options = {"score_threshold": params["match_score_threshold"], "split": params["split"]}

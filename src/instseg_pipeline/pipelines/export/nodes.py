@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from instseg_pipeline import export as onnx_export
-from instseg_pipeline.images import load_image
+from instseg_pipeline.data.images import load_image
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ import logging
 
 import pandas as pd
 
-from instseg_pipeline import statistics
-from instseg_pipeline.quality import QualityReport
-from instseg_pipeline.sources.registry import read_source
-from instseg_pipeline.split import assign_splits
-from instseg_pipeline.tables import check_tables
+from instseg_pipeline.data import statistics
+from instseg_pipeline.data.quality import QualityReport
+from instseg_pipeline.data.sources.registry import read_source
+from instseg_pipeline.data.split import assign_splits
+from instseg_pipeline.data.tables import check_tables
 
 logger = logging.getLogger(__name__)
 

@@ -12,6 +12,6 @@ def generate_synthetic_data(source: dict) -> dict:
     if source.get("type") != "synthetic":
         logger.info("source.type is %s: nothing to generate", source.get("type"))
         return {"generated": False, "type": source.get("type")}
-    from instseg_pipeline.sources import synthetic
+    from instseg_pipeline.data.sources import synthetic
 
     return {"generated": True, **synthetic.generate(source["root"], source.get("synthetic"))}

@@ -6,7 +6,7 @@ import logging
 
 import pandas as pd
 
-from instseg_pipeline import tracking
+from instseg_pipeline.kedro_ext import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 def preview_augmentation(images: pd.DataFrame, instances: pd.DataFrame,
                          categories: pd.DataFrame, source: dict, training: dict):
     """A grid of augmented training samples with their masks and boxes."""
-    from instseg_pipeline.training import build_datasets
-    from instseg_pipeline.viz import augmentation_preview
+    from instseg_pipeline.engine.fit import build_datasets
+    from instseg_pipeline.viz.overlays import augmentation_preview
 
     train, _ = build_datasets(images, instances, categories, source["root"], training)
     figure = augmentation_preview(train, n=int(training.get("preview_samples", 8)),
@@ -27,7 +27,7 @@ def preview_augmentation(images: pd.DataFrame, instances: pd.DataFrame,
 def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
                 source: dict, training: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Train on the train split; weights + rebuild config, loss history, val losses."""
-    from instseg_pipeline.training import fit
+    from instseg_pipeline.engine.fit import fit
 
     result = fit(images, instances, categories, source["root"], training)
     if result["skipped_steps"]:
@@ -37,7 +37,7 @@ def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Da
 
 def plot_training_curves(history: pd.DataFrame, val_history: pd.DataFrame):
     """Loss components and learning rate against iterations."""
-    from instseg_pipeline.viz import training_curves
+    from instseg_pipeline.viz.overlays import training_curves
 
     figure = training_curves(history, val_history)
     tracking.log_figure(figure, "training_curves.png")

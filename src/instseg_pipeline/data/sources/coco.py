@@ -1,0 +1,278 @@
+"""COCO instances json + image folder -> canonical tables.
+
+Kept as in the file: image ids, annotation ids, (possibly non-contiguous) category ids,
+images without annotations, crowd regions (flagged ``iscrowd``). Polygons (multi-part too),
+uncompressed and compressed RLE all become one compressed RLE of the full image size.
+
+Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
+- always fail: unreadable json, duplicate image / annotation / category ids, an annotation
+  whose image_id or category_id is not declared — the file itself is inconsistent;
+- skip or fail: an unusable image file (missing, empty, not an image, truncated, too many
+  pixels, size different from the json) with all its annotations, and an unusable
+  annotation (bad polygon, bad RLE, bad bbox, empty mask).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
+
+from instseg_pipeline.data import masks
+from instseg_pipeline.data.quality import IngestionError, QualityReport
+from instseg_pipeline.data.sources import SourceTables
+from instseg_pipeline.data.sources.checks import inspect_images, record_check
+from instseg_pipeline.data.tables import instances_from_columns, make_categories, make_images
+
+logger = logging.getLogger(__name__)
+
+
+def load_json(path: Path) -> dict:
+    """Parse a COCO json file, raising `IngestionError` that names the file."""
+    if not path.is_file():
+        raise IngestionError(f"{path}: annotation file not found")
+    raw = path.read_bytes()
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # strict JSON failed; the json module also reads NaN / Infinity (which json.dumps
+        # writes) so that such coordinates are reported per annotation, not per file
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise IngestionError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise IngestionError(f"{path}: not a COCO instances file (no 'images' list)")
+    for key in ("annotations", "categories"):
+        if not isinstance(data.get(key, []), list):
+            raise IngestionError(f"{path}: '{key}' must be a list")
+    return data
+
+
+def _require_unique(records: list[dict], what: str, path: Path) -> None:
+    counts = Counter(r.get("id") for r in records)
+    dupes = sorted(str(k) for k, n in counts.items() if n > 1)
+    if dupes:
+        raise IngestionError(f"{path}: duplicate {what} ids {', '.join(dupes[:10])}")
+
+
+def _check_references(data: dict, path: Path) -> None:
+    image_ids = {im.get("id") for im in data["images"]}
+    category_ids = {c.get("id") for c in data.get("categories", [])}
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") not in image_ids:
+            raise IngestionError(f"{path}: annotation {ann.get('id')} refers to unknown "
+                                 f"image_id {ann.get('image_id')}")
+        if ann.get("category_id") not in category_ids:
+            raise IngestionError(f"{path}: annotation {ann.get('id')} refers to unknown "
+                                 f"category_id {ann.get('category_id')}")
+
+
+def _category_rows(data: dict) -> list[dict]:
+    return [{"category_id": c["id"], "name": str(c.get("name", c["id"])),
+             "supercategory": str(c.get("supercategory") or ""),
+             "isthing": bool(c.get("isthing", True))} for c in data.get("categories", [])]
+
+
+def _image_record_problem(record: dict) -> str | None:
+    for key in ("width", "height"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"{key} {value!r} is not a positive integer"
+    if not isinstance(record.get("file_name"), str) or not record["file_name"]:
+        return "file_name is missing"
+    return None
+
+
+def _bbox_problem(bbox) -> str | None:
+    if bbox is None:
+        return None
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return f"bbox {bbox!r} is not [x, y, w, h]"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for v in bbox):
+        return f"bbox {list(bbox)} has a non-finite value"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return f"bbox {list(bbox)} has a non-positive width or height"
+    return None
+
+
+def _plain_polygon(segmentation) -> bool:
+    """True for the common, valid case: one polygon of >= 3 finite points (a fast path)."""
+    if type(segmentation) is not list or len(segmentation) != 1:
+        return False
+    part = segmentation[0]
+    if type(part) is not list or len(part) < 6 or len(part) % 2:
+        return False
+    try:
+        return math.isfinite(sum(part))
+    except TypeError:
+        return False
+
+
+def _plain_bbox(bbox) -> bool:
+    """True for a missing bbox or four finite numbers with positive width and height."""
+    if bbox is None:
+        return True
+    if type(bbox) is not list or len(bbox) != 4:
+        return False
+    try:
+        return math.isfinite(sum(bbox)) and bbox[2] > 0 and bbox[3] > 0 and \
+            not any(type(v) is bool for v in bbox)
+    except TypeError:
+        return False
+
+
+def _annotation_problem(ann: dict, height: int, width: int) -> tuple[str, str] | None:
+    segmentation, bbox = ann.get("segmentation"), ann.get("bbox")
+    if _plain_bbox(bbox) and _plain_polygon(segmentation):
+        return None
+    problem = _bbox_problem(bbox)
+    if problem:
+        return "bad_bbox", problem
+    return masks.segmentation_problem(segmentation, height, width)
+
+
+INSTANCE_FIELDS = ("instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle")
+
+
+def convert_annotations(anns: list[dict], record: dict) -> tuple[dict, list[tuple]]:
+    """``instances`` columns (``{column: list}``) of one image's annotations, and
+    ``(reason, message)`` problems."""
+    height, width = record["height"], record["width"]
+    usable, problems = [], []
+    for ann in anns:
+        problem = _annotation_problem(ann, height, width)
+        if problem:
+            problems.append((problem[0], (f"annotation {ann['id']} (image {ann['image_id']}, "
+                                         f"{record['file_name']}): {problem[1]}")))
+        else:
+            usable.append(ann)
+    rles = masks.segmentations_to_rles([a["segmentation"] for a in usable], height, width)
+    areas = mask_utils.area(rles).tolist() if rles else []
+    boxes = mask_utils.toBbox(rles).tolist() if rles else []
+    columns: dict[str, list] = {name: [] for name in INSTANCE_FIELDS}
+    for ann, rle, area, box in zip(usable, rles, areas, boxes):
+        if area == 0:
+            problems.append(("empty_mask", (f"annotation {ann['id']} (image {ann['image_id']}, "
+                                           f"{record['file_name']}): covers no pixel")))
+            continue
+        columns["instance_id"].append(ann["id"])
+        columns["category_id"].append(ann["category_id"])
+        columns["bbox"].append(ann.get("bbox") or box)
+        columns["area"].append(area)
+        columns["iscrowd"].append(bool(ann.get("iscrowd", 0)))
+        columns["rle"].append(rle["counts"])
+    columns["image_id"] = [record["id"]] * len(columns["instance_id"])
+    columns["rle"] = [c.decode("ascii") if type(c) is bytes else c for c in columns["rle"]]
+    return columns, problems
+
+
+def _valid_records(data: dict, root: Path, image_dir: str,
+                   report: QualityReport) -> list[dict]:
+    records = []
+    for record in data["images"]:
+        problem = _image_record_problem(record)
+        if problem:
+            report.drop("images", "bad_image_record", f"image {record.get('id')}: {problem}")
+        else:
+            relative = (Path(image_dir) / record["file_name"]).as_posix()
+            records.append({**record, "relative": relative, "path": root / relative})
+    return records
+
+
+def _assemble(records: list[dict], image_checks, converted: dict, ann_ids: dict,
+              report: QualityReport) -> tuple[list[dict], dict]:
+    """Apply image checks, then the kept images' annotation problems, in image order.
+
+    ``ann_ids``: annotation ids per image id (those of a dropped image are reported)."""
+    kept, columns = [], {name: [] for name in INSTANCE_FIELDS}
+    for record, check in zip(records, image_checks):
+        image_id = record["id"]
+        if record_check(check, report, label=f"image {image_id}"):
+            kept.append(record)
+            if image_id in converted:
+                image_columns, problems = converted[image_id]
+                for reason, message in problems:
+                    report.drop("annotations", reason, message)
+                for name, values in image_columns.items():
+                    columns[name].extend(values)
+            continue
+        for ann_id in ann_ids.get(image_id, []):
+            report.drop("annotations", "image_dropped",
+                        f"annotation {ann_id}: its image {image_id} was dropped")
+    return kept, columns
+
+
+@contextmanager
+def _collector_paused():
+    """Pause the cyclic garbage collector: the parsed json is a large graph of containers
+    that each collection would walk again while conversion allocates (nothing here makes
+    reference cycles); it runs again, and catches up, on exit."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def read(params: dict, report: QualityReport) -> SourceTables:
+    """Read ``root/annotations`` with images under ``root/images`` into the tables.
+
+    params: root, annotations (json path relative to root), images (folder relative to
+    root), split (optional split name given to every image; empty = split later),
+    verify_images, max_image_pixels and workers (see `sources.checks`).
+    """
+    with _collector_paused():
+        return _read(params, report)
+
+
+def _read(params: dict, report: QualityReport) -> SourceTables:
+    root = Path(params["root"])
+    path = root / params["annotations"]
+    data = load_json(path)
+    for records, what in ((data["images"], "image"), (data.get("annotations", []), "annotation"),
+                          (data.get("categories", []), "category")):
+        _require_unique(records, what, path)
+    _check_references(data, path)
+    records = _valid_records(data, root, params.get("images", ""), report)
+    image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
+                                  params)
+    # Each image's annotations are converted while the image checks run, and then let go,
+    # so that the memory of the parsed polygons is reused for the tables as they grow.
+    by_image: dict[int, list[dict]] = defaultdict(list)
+    for ann in data.pop("annotations", []):
+        by_image[ann["image_id"]].append(ann)
+    categories = make_categories(_category_rows(data))
+    data.clear()
+    converted, ann_ids = {}, {}
+    for record in tqdm(records, desc="annotations", unit="img", disable=None, leave=False):
+        anns = by_image.pop(record["id"], None)
+        if anns:
+            ann_ids[record["id"]] = [ann["id"] for ann in anns]
+            converted[record["id"]] = convert_annotations(anns, record)
+    for image_id, anns in by_image.items():  # left: those of unusable image records
+        for ann in anns:
+            report.drop("annotations", "image_dropped",
+                        f"annotation {ann['id']}: its image {image_id} was dropped")
+    del by_image
+    checks = tqdm(image_checks, total=len(records), desc="images", unit="img", disable=None,
+                  leave=False)
+    kept, columns = _assemble(records, checks, converted, ann_ids, report)
+    del converted
+    split = params.get("split") or ""
+    images = make_images({"image_id": r["id"], "file_name": r["relative"],
+                          "width": r["width"], "height": r["height"], "split": split,
+                          "source": "coco"} for r in kept)
+    logger.info("%s: %d images, %d annotations kept", path, len(images),
+                len(columns["instance_id"]))
+    return SourceTables(images, instances_from_columns(columns), categories)

@@ -1,0 +1,59 @@
+"""Model selection during training: mask AP on a val subset every K epochs; the best
+weights (not the last) become the trained model."""
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+import torch
+
+from instseg_pipeline.data.tables import label_mapping, tables_to_coco
+from instseg_pipeline.evaluation.coco import coco_stats
+from instseg_pipeline.predict.batch import predict_images
+
+logger = logging.getLogger(__name__)
+
+
+class BestModelSelector:
+    """An engine callback (`__call__(event, info)`) that evaluates at epoch ends.
+
+    ``images``: the val images evaluated (a subset keeps it cheap); the ground truth is built
+    once from the tables. Only rank 0 evaluates. ``best_state`` holds a CPU copy of the best
+    weights, ``history`` one row per evaluation.
+    """
+
+    def __init__(self, images: pd.DataFrame, instances: pd.DataFrame,
+                 categories: pd.DataFrame, root: str, every_epochs: int,
+                 iou_type: str = "segm", batch_size: int = 4):
+        self.images, self.root, self.every = images, root, int(every_epochs)
+        self.iou_type, self.batch_size = iou_type, batch_size
+        self.gt = tables_to_coco(images, instances[instances["image_id"].isin(
+            images["image_id"])], categories)
+        self.to_category = {label: cat for cat, label in label_mapping(categories).items()}
+        self.history: list[dict] = []
+        self.best_state: dict | None = None
+        self.best: dict | None = None
+
+    def __call__(self, event: str, info: dict) -> None:
+        if event != "epoch_end" or info["rank"] != 0 or not self.every:
+            return
+        if (info["epoch"] + 1) % self.every == 0:
+            self.consider(info["model"], info["iteration"], info["epoch"])
+
+    def consider(self, model: torch.nn.Module, iteration: int, epoch: int | None) -> float:
+        """Evaluate ``model`` now; keep its weights if they are the best so far."""
+        was_training = model.training
+        device = next(model.parameters()).device
+        predictions = predict_images(model, self.images, self.root, self.to_category,
+                                     batch_size=self.batch_size, device=str(device))
+        model.train(was_training)
+        value = coco_stats(self.gt, predictions, iou_type=self.iou_type)["mAP"]
+        self.history.append({"iteration": iteration, "epoch": epoch,
+                             f"{self.iou_type}_mAP": value})
+        logger.info("selection: %s mAP %.4f at iteration %d", self.iou_type, value, iteration)
+        if self.best is None or value > self.best["value"]:
+            self.best = {"iteration": iteration, "epoch": epoch, "value": value,
+                         "metric": f"{self.iou_type}/mAP"}
+            self.best_state = {k: v.detach().cpu().clone() for k, v in
+                               model.state_dict().items()}
+        return value

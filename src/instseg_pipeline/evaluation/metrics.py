@@ -1,0 +1,106 @@
+"""Evaluation of a predictions table against the canonical tables (Kedro-free).
+
+Ground truth is built from the tables once (`tables.tables_to_coco`), never by replaying
+training transforms; crowd regions are COCO's "ignore" regions.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from instseg_pipeline.data.sources.cityscapes import annotation_path
+from instseg_pipeline.data.tables import select_split, tables_to_coco
+from instseg_pipeline.evaluation.cityscapes import cityscapes_ap_from_tables, read_id_map
+from instseg_pipeline.evaluation.coco import coco_eval_details
+from instseg_pipeline.evaluation.matching import match_masks
+from instseg_pipeline.evaluation.panoptic import pq_from_tables
+
+logger = logging.getLogger(__name__)
+
+
+def coco_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
+                 predictions: pd.DataFrame, split: str, iou_types=("segm", "bbox"),
+                 backend: str = "faster-coco-eval") -> dict:
+    """``{iou_type: {12 stats, per_class_ap}}`` plus the arrays for plots under ``details``."""
+    gt = tables_to_coco(images, instances, categories, split=split)
+    out, arrays = {}, {}
+    for iou_type in iou_types:
+        details = coco_eval_details(gt, predictions, iou_type=iou_type, backend=backend)
+        arrays[iou_type] = {k: details.pop(k) for k in ("precision", "recall")}
+        out[iou_type] = {k: v for k, v in details.items() if not isinstance(v, np.ndarray)}
+        logger.info("%s AP %.4f AP50 %.4f (%s)", iou_type, out[iou_type]["mAP"],
+                    out[iou_type]["mAP_50"], backend)
+    return {"metrics": out, "arrays": arrays}
+
+
+def cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                       categories: pd.DataFrame, predictions: pd.DataFrame, split: str,
+                       source: dict | None = None, min_region_size: int = 100) -> dict:
+    """Cityscapes instance-level AP / AP50 (`metrics.cityscapes`) of the split.
+
+    For a ``cityscapes`` source the ground truth is the gtFine instanceIds PNG of each image
+    (official void and group regions); for any other source it is the ``instances`` table,
+    crowd regions counting as groups.
+    """
+    source = source or {}
+    ids = images.loc[images["split"] == split, "image_id"].tolist()
+    gt_map = _gtfine_reader(source["root"]) if source.get("type") == "cityscapes" else None
+    result = cityscapes_ap_from_tables(images, instances, categories, predictions, ids,
+                                       gt_map=gt_map, min_region_size=min_region_size)
+    logger.info("Cityscapes AP %s AP50 %s on %d %s images (ground truth: %s)",
+                _fmt(result["AP"]), _fmt(result["AP50"]), len(ids), split,
+                result["ground_truth"])
+    return result
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _gtfine_reader(root: str):
+    """images row -> its gtFine instanceIds map (the file the tables were built from)."""
+    def read(image) -> np.ndarray:
+        return read_id_map(annotation_path(Path(root), Path(root) / image.file_name,
+                                           image.split))
+
+    return read
+
+
+def panoptic_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
+                     predictions: pd.DataFrame, split: str, **options) -> dict:
+    """Things-only PQ / SQ / RQ from instance predictions (overlaps resolved by score)."""
+    images, instances = select_split(images, instances, split)
+    result = pq_from_tables(images, instances, categories, predictions, **options)
+    return {k: v for k, v in result.items() if k != "per_category"} | {
+        "per_category": {str(k): v for k, v in result.get("per_category", {}).items()}}
+
+
+def matched_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
+                      predictions: pd.DataFrame, split: str, score_threshold: float = 0.5,
+                      iou_threshold: float = 0.5) -> pd.DataFrame:
+    """One row per matched (prediction, non-crowd GT) pair: image_id, ids, IoU, GT area."""
+    images, instances = select_split(images, instances, split)
+    instances = instances[~instances["iscrowd"].astype(bool)]
+    confident = predictions[predictions["score"] >= score_threshold]
+    rows = []
+    for image in images.itertuples(index=False):
+        gt = instances[instances["image_id"] == image.image_id]
+        pred = confident[confident["image_id"] == image.image_id]
+        if len(gt) == 0 or len(pred) == 0:
+            continue
+        size = [int(image.height), int(image.width)]
+        match = match_masks([{"size": size, "counts": c} for c in pred["rle"]],
+                            [{"size": size, "counts": c} for c in gt["rle"]],
+                            scores=pred["score"].to_numpy(), iou_threshold=iou_threshold)
+        for p, g, iou in zip(match.pred_index, match.gt_index, match.iou):
+            rows.append({"image_id": int(image.image_id),
+                         "prediction_id": int(pred["prediction_id"].iloc[p]),
+                         "instance_id": int(gt["instance_id"].iloc[g]),
+                         "pred_category_id": int(pred["category_id"].iloc[p]),
+                         "gt_category_id": int(gt["category_id"].iloc[g]),
+                         "iou": float(iou), "gt_area": int(gt["area"].iloc[g])})
+    return pd.DataFrame(rows, columns=["image_id", "prediction_id", "instance_id",
+                                       "pred_category_id", "gt_category_id", "iou", "gt_area"])

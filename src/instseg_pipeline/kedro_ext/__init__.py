@@ -1,0 +1,1 @@
+"""The only Kedro-aware code outside pipelines/: catalog datasets, hooks, MLflow tracking."""

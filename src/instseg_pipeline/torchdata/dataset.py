@@ -1,0 +1,254 @@
+"""The torch Dataset over the canonical tables, collate, samplers and the train loader.
+
+Determinism: the augmentation of sample ``i`` in epoch ``e`` is a pure function of
+(seed, e, i) and the sample order of epoch ``e`` a pure function of (seed, e), so a resumed
+run or a run with data-loader workers sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+)
+
+from instseg_pipeline.data import images as image_io
+from instseg_pipeline.data.masks import decode_strings
+from instseg_pipeline.data.tables import label_mapping, select_split
+from instseg_pipeline.torchdata.augment import seed_augmentation
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(*values: int) -> int:
+    """A 63-bit seed that is a pure function of ``values`` (torch and numpy accept it)."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """float32 [N, 4] tight xyxy boxes of uint8 [N, H, W] masks; x2/y2 are exclusive edges.
+
+    An empty mask gets [0, 0, 0, 0].
+    """
+    boxes = np.zeros((len(masks), 4), dtype=np.float32)
+    for k, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if len(xs):
+            boxes[k] = (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    return boxes
+
+
+def _keep_visible(masks: np.ndarray, labels: np.ndarray):
+    """Drop instances whose mask has no pixel or whose box is thinner than one pixel."""
+    boxes = masks_to_boxes(masks)
+    area = masks.sum(axis=(1, 2), dtype=np.int64).astype(np.float32)
+    keep = (area >= 1) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
+    return masks[keep], labels[keep], boxes[keep], area[keep]
+
+
+def _augment(augmentation, image: np.ndarray, masks: np.ndarray, labels: np.ndarray):
+    """Apply an albumentations Compose; masks whose box albumentations dropped go too."""
+    data = {"image": image}
+    if len(masks):  # some 2.x transforms cannot stack an empty list of masks
+        data["masks"] = masks
+    if "bboxes" in augmentation.processors:
+        data.update(bboxes=masks_to_boxes(masks).reshape(-1, 4), labels=labels.tolist(),
+                    instance_index=list(range(len(masks))))
+    out = augmentation(**data)
+    out_masks = np.asarray(out.get("masks", masks), dtype=np.uint8).reshape(
+        -1, *out["image"].shape[:2])
+    if "bboxes" not in augmentation.processors:
+        return out["image"], out_masks, labels
+    # albumentations returns label fields as floats
+    kept = np.asarray(out["instance_index"], dtype=np.int64)
+    return out["image"], out_masks[kept], labels[kept]
+
+
+class InstanceDataset(Dataset):
+    """Images of one split with their non-crowd instances as torchvision detection targets.
+
+    ``dataset[i] -> (image float32 [3, H, W] in [0, 1], target)`` where target holds
+    boxes float32 [N, 4] xyxy, labels int64 [N] (contiguous, 0 = background), masks uint8
+    [N, H, W], image_id int, area float32 [N], iscrowd int64 [N] (all 0: crowd regions are
+    left out of training targets). ``images`` (the split, in dataset order) and
+    ``label_names`` ({label: category name}) are public attributes.
+    """
+
+    def __init__(self, images: pd.DataFrame, instances: pd.DataFrame,
+                 categories: pd.DataFrame, root: str | Path, split: str | None = None,
+                 augmentation=None, seed: int = 0):
+        images, instances = select_split(images, instances, split)
+        self.images = images.reset_index(drop=True)
+        self.root = Path(root)
+        self.augmentation = augmentation
+        self.seed = int(seed)
+        self.epoch = 0
+        self.mapping = label_mapping(categories)
+        self.label_names = {self.mapping[int(c)]: str(n) for c, n in
+                            zip(categories["category_id"], categories["name"])}
+        crowd = instances["iscrowd"].astype(bool)
+        self._instances = self._group_instances(instances[~crowd])
+        logger.info("dataset split=%s: %d images, %d instances (%d crowd regions left out)",
+                    split, len(self.images), int((~crowd).sum()), int(crowd.sum()))
+
+    def _group_instances(self, instances: pd.DataFrame) -> dict[int, tuple[list, list]]:
+        """{image_id: (rle strings, contiguous labels)} of the non-crowd instances."""
+        unknown = ~instances["category_id"].isin(list(self.mapping))
+        if unknown.any():
+            row = instances[unknown].iloc[0]
+            raise ValueError(f"instance {int(row.instance_id)} (image {int(row.image_id)}) has "
+                             f"category_id {int(row.category_id)} not in the categories table")
+        grouped: dict[int, tuple[list, list]] = {}
+        for row in instances.itertuples(index=False):
+            rles, labels = grouped.setdefault(int(row.image_id), ([], []))
+            rles.append(str(row.rle))
+            labels.append(self.mapping[int(row.category_id)])
+        return grouped
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of ``epoch`` (call before building the loader)."""
+        self.epoch = int(epoch)
+
+    def _raw(self, index: int):
+        """uint8 [H, W, 3] image, uint8 [N, H, W] masks, int64 [N] labels, image id."""
+        row = self.images.iloc[index]
+        image_id, width, height = int(row["image_id"]), int(row["width"]), int(row["height"])
+        image, _ = image_io.load_image(self.root / str(row["file_name"]),
+                                       expected_size=(width, height))
+        rles, labels = self._instances.get(image_id, ([], []))
+        masks = decode_strings(rles, height, width)
+        return image, masks, np.asarray(labels, dtype=np.int64), image_id
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        image, masks, labels, image_id = self._raw(index)
+        masks, labels, _, _ = _keep_visible(masks, labels)
+        if self.augmentation is not None:
+            seed_augmentation(self.augmentation, derive_seed(self.seed, self.epoch, index))
+            image, masks, labels = _augment(self.augmentation, image, masks, labels)
+        masks, labels, boxes, area = _keep_visible(masks, labels)
+        return _to_tensors(image, masks, labels, boxes, area, image_id)
+
+
+def _to_tensors(image, masks, labels, boxes, area, image_id) -> tuple[torch.Tensor, dict]:
+    # a fresh float copy: decoded images can be read-only views of Pillow's buffer
+    pixels = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    pixels /= 255.0
+    target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4),
+              "labels": torch.from_numpy(labels.astype(np.int64)),
+              "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
+              "image_id": int(image_id),
+              "area": torch.from_numpy(area),
+              "iscrowd": torch.zeros(len(labels), dtype=torch.int64)}
+    return torch.from_numpy(pixels), target
+
+
+def collate(batch: Sequence[tuple]) -> tuple[list[torch.Tensor], list[dict]]:
+    """(list of images, list of targets): detection models take lists of any-size images."""
+    return [item[0] for item in batch], [item[1] for item in batch]
+
+
+def default_ratio_bins(factor: int = 3) -> list[float]:
+    """Aspect-ratio (w / h) bin edges 2**linspace(-1, 1, 2 * factor + 1) (torchvision's)."""
+    return [float(2.0 ** x) for x in np.linspace(-1, 1, 2 * factor + 1)]
+
+
+def aspect_ratio_group_ids(images_df: pd.DataFrame, bins: int | Sequence[float] = 3
+                           ) -> list[int]:
+    """Group id per row of ``images_df`` from its width / height ratio.
+
+    ``bins`` is either a factor for `default_ratio_bins` or the sorted bin edges.
+    """
+    edges = default_ratio_bins(bins) if isinstance(bins, int) else sorted(float(b) for b in bins)
+    ratios = images_df["width"].to_numpy(float) / images_df["height"].to_numpy(float)
+    return [bisect.bisect_right(edges, r) for r in ratios]
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` indices that share a group id (e.g. aspect-ratio bin).
+
+    Indices come from ``sampler`` in its order; each epoch yields every index once. What is
+    left in the group buffers at the end is pooled (in group order) into final batches, so
+    there are exactly ceil(N / batch_size) batches (floor with ``drop_last``).
+    """
+
+    def __init__(self, sampler: Sampler, group_ids: Sequence[int], batch_size: int,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.sampler = sampler
+        self.group_ids = list(group_ids)
+        self.batch_size = int(batch_size)
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buffers: dict[int, list[int]] = {}
+        for index in self.sampler:
+            buffer = buffers.setdefault(self.group_ids[index], [])
+            buffer.append(index)
+            if len(buffer) == self.batch_size:
+                yield buffer.copy()
+                buffer.clear()
+        leftovers = [i for group in sorted(buffers) for i in buffers[group]]
+        for start in range(0, len(leftovers), self.batch_size):
+            batch = leftovers[start:start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def __len__(self) -> int:
+        count = len(self.sampler) / self.batch_size
+        return math.floor(count) if self.drop_last else math.ceil(count)
+
+
+def build_train_loader(dataset: InstanceDataset, batch_size: int, num_workers: int, seed: int,
+                       epoch: int, distributed: bool, group_ids: Sequence[int] | None = None,
+                       drop_last: bool = False) -> DataLoader:
+    """The loader of one epoch; its order and augmentations depend only on (seed, epoch).
+
+    Build a new loader every epoch (workers are not persistent, so they see `set_epoch`).
+    ``group_ids`` (e.g. `aspect_ratio_group_ids(dataset.images)`) turns on grouped batches.
+    """
+    dataset.set_epoch(epoch)
+    if distributed:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch)
+    else:
+        generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
+        sampler = RandomSampler(dataset, generator=generator)
+    if group_ids is not None:
+        batches = GroupedBatchSampler(sampler, group_ids, batch_size, drop_last)
+    else:
+        batches = BatchSampler(sampler, batch_size, drop_last)
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                      collate_fn=collate, persistent_workers=False)
+
+
+class MultiScale:
+    """Training image size (the model's ``min_size``) drawn per iteration from ``sizes``."""
+
+    def __init__(self, sizes: Sequence[int], seed: int = 0):
+        if not sizes:
+            raise ValueError("MultiScale needs at least one size")
+        self.sizes = [int(s) for s in sizes]
+        self.seed = int(seed)
+
+    def choose(self, iteration: int) -> int:
+        """The size for ``iteration``: a pure function of (seed, iteration)."""
+        if len(self.sizes) == 1:
+            return self.sizes[0]
+        return self.sizes[derive_seed(self.seed, iteration) % len(self.sizes)]

@@ -1,0 +1,1 @@
+"""Figures: overlays, dataset and training figures, evaluation dashboards and galleries."""
