@@ -1,20 +1,32 @@
-"""torchvision Mask R-CNN variants built without downloading anything.
+"""The Mask R-CNN families (torchvision's detector), built without downloading anything.
 
 The builders assemble the same architectures as torchvision's ``maskrcnn_resnet50_fpn``
 (v1, v2) with backbone weights None; pretrained weights are loaded afterwards by
 `instseg_pipeline.models.weights`. torchvision has no Mask R-CNN on MobileNetV3, so
 ``maskrcnn_mobilenet_v3_large_fpn`` is its Faster R-CNN MobileNetV3-FPN plus a mask head
-(its COCO detection weights load into everything but the mask branch).
+(its COCO detection weights load into everything but the mask branch). ``maskrcnn_tiny``
+(`instseg_pipeline.models.tiny`) is a family made with `mask_rcnn_family` too.
 
-``spec`` keys used here: frozen_batchnorm (bool), trainable_backbone_layers (int).
+``training.model`` keys of every Mask R-CNN family, besides name and weights::
+
+    trainable_backbone_layers: 3        # default 3 with weights, every stage without
+    frozen_batchnorm: true              # default: with weights, except the v2 recipe
+    frozen_bn_eps: 0.0                  # default 0.0 for the original COCO_V1 weights
+    min_size: 800                       # and any key of DETECTOR_KEYS (MaskRCNN arguments)
+
+ONNX: the TorchScript exporter, one image per run, under `eager_exact_resize`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet50
-from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, _default_anchorgen
@@ -23,10 +35,99 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-# how many backbone stages exist (all trainable when training from scratch)
-MAX_TRAINABLE_LAYERS = {"maskrcnn_resnet50_fpn": 5, "maskrcnn_resnet50_fpn_v2": 5,
-                        "maskrcnn_mobilenet_v3_large_fpn": 6}
+from instseg_pipeline.models.contract import ModelFamily, OnnxSpec
+from instseg_pipeline.models.weights import torchvision_weights
 
+LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
+              "loss_rpn_box_reg")
+DETECTOR_KEYS = (
+    "min_size", "max_size", "image_mean", "image_std",
+    "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+    "rpn_post_nms_top_n_test", "rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh",
+    "rpn_batch_size_per_image", "rpn_positive_fraction", "rpn_score_thresh",
+    "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "box_fg_iou_thresh",
+    "box_bg_iou_thresh", "box_batch_size_per_image", "box_positive_fraction",
+    "bbox_reg_weights",
+)
+ALIASES = {"roi_batch_size_per_image": "box_batch_size_per_image"}
+BACKBONE_KEYS = ("trainable_backbone_layers", "frozen_batchnorm", "frozen_bn_eps")
+PARAMETER_KEYS = (*BACKBONE_KEYS, *DETECTOR_KEYS, *ALIASES)
+
+Construct = Callable[[int, dict, dict], MaskRCNN]
+
+
+# --- parameters ------------------------------------------------------------------------------
+
+def detector_kwargs(params: Mapping) -> dict:
+    """MaskRCNN keyword arguments from ``params`` (aliases resolved, lists as tuples)."""
+    doubled = [k for k in ALIASES if k in params and ALIASES[k] in params]
+    if doubled:
+        raise ValueError(f"model parameters give both {doubled[0]} and its name "
+                         f"{ALIASES[doubled[0]]}; keep one")
+    kwargs = {ALIASES.get(k, k): v for k, v in params.items()
+              if k in DETECTOR_KEYS or k in ALIASES}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def _eps_for(name: str, weights) -> float | None:
+    """torchvision's original COCO weights were trained with FrozenBatchNorm eps 0."""
+    if weights is None:
+        return None
+    member = torchvision_weights(name, str(weights))
+    return 0.0 if member == MaskRCNN_ResNet50_FPN_Weights.COCO_V1 else None
+
+
+def _plain(value):
+    """JSON-friendly copy: tuples become lists."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class MaskRCNNVariant:
+    """One Mask R-CNN family: its constructor and its backbone defaults.
+
+    ``max_trainable_layers``: how many backbone stages exist (all trainable when training
+    from scratch); None for a backbone without pretrained stages to freeze.
+    ``freeze_pretrained_bn``: whether pretrained weights mean FrozenBatchNorm by default.
+    """
+
+    name: str
+    construct: Construct
+    max_trainable_layers: int | None = None
+    freeze_pretrained_bn: bool = True
+
+    def backbone_spec(self, params: Mapping) -> dict:
+        """trainable_backbone_layers, frozen_batchnorm and frozen_bn_eps, defaults resolved."""
+        weights = params.get("weights")
+        pretrained = weights is not None
+        full = self.max_trainable_layers
+        layers = params.get("trainable_backbone_layers", None if full is None else
+                            min(3, full) if pretrained else full)
+        return {
+            "trainable_backbone_layers": None if layers is None else int(layers),
+            "frozen_batchnorm": bool(params.get(
+                "frozen_batchnorm", pretrained and self.freeze_pretrained_bn)),
+            "frozen_bn_eps": params.get("frozen_bn_eps", _eps_for(self.name, weights)),
+        }
+
+    def settings(self, params: Mapping) -> dict:
+        """What `model_config` saves: the backbone spec and the detector arguments."""
+        kwargs = {k: _plain(v) for k, v in detector_kwargs(params).items()}
+        return {**self.backbone_spec(params), **kwargs}
+
+    def build(self, params: Mapping, num_classes: int) -> MaskRCNN:
+        """The architecture for ``num_classes`` (background included); no weights loaded."""
+        spec = self.backbone_spec(params)
+        model = self.construct(num_classes, spec, detector_kwargs(params))
+        if spec["frozen_bn_eps"] is not None:
+            for module in model.modules():
+                if isinstance(module, FrozenBatchNorm2d):
+                    module.eps = float(spec["frozen_bn_eps"])
+        return model
+
+
+# --- architectures ---------------------------------------------------------------------------
+# ``spec`` keys used here: frozen_batchnorm (bool), trainable_backbone_layers (int).
 
 def _norm(spec: dict) -> Callable[..., nn.Module]:
     return FrozenBatchNorm2d if spec["frozen_batchnorm"] else nn.BatchNorm2d
@@ -66,3 +167,78 @@ def build_mobilenet_v3_large_fpn(num_classes: int, spec: dict,
         box_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=7, sampling_ratio=2),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1"], output_size=14, sampling_ratio=2),
         **detector_kwargs)
+
+
+# --- ONNX tracing ----------------------------------------------------------------------------
+
+def _resize_like_eager(transform, image, target=None):
+    """Eval-time `GeneralizedRCNNTransform.resize`, traceable to the same output size.
+
+    Eager: ``int(side * min(min_size / short, max_size / long))`` in float64. True division
+    (not reciprocal-and-multiply, which is what ``python_float / tensor`` traces to) keeps
+    every rounding step identical to Python's.
+    """
+    from torch.onnx import operators
+
+    shape = operators.shape_as_tensor(image)[-2:].to(torch.float64)
+    limits = torch.tensor([float(transform.min_size[-1]), float(transform.max_size)],
+                          dtype=torch.float64)
+    scale = torch.min(torch.div(limits, torch.stack([shape.min(), shape.max()])))
+    size = torch.floor(shape * scale).to(torch.int64)
+    size = [size[0], size[1]] if torch.jit.is_tracing() else size.tolist()
+    resized = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
+                                              align_corners=False)[0]
+    return resized, target
+
+
+@contextmanager
+def eager_exact_resize(network: MaskRCNN):
+    """Within the block, ``network.transform`` resizes with `_resize_like_eager`.
+
+    Why: with a tracer torchvision computes the resized size in float32 where eager
+    computes ``int(side * scale)`` in float64; for about one image size in five they differ
+    by a pixel (640x586: eager 244x224, the graph 244x223) and every output drifts. Eager
+    results are unchanged (same size, same interpolation); only what a tracer records
+    differs. A fixed-size transform has no size arithmetic and is left alone.
+    """
+    transform = network.transform
+    if transform.fixed_size is not None:
+        yield network
+        return
+    # an instance attribute shadows the class's method; deleting it restores the method
+    transform.resize = types.MethodType(_resize_like_eager, transform)
+    try:
+        yield network
+    finally:
+        del transform.resize
+
+
+def postprocess_cuts(network: MaskRCNN) -> dict:
+    """The score threshold and detection cap the ROI heads apply to the eval output."""
+    return {"score_threshold": float(network.roi_heads.score_thresh),
+            "detections_per_img": int(network.roi_heads.detections_per_img)}
+
+
+ONNX = OnnxSpec(
+    exportable=True, tracing=eager_exact_resize, exporter="torchscript",
+    note="TorchScript exporter (the dynamo exporter fails inside batched_nms); one image per "
+         "run, since the traced list length is fixed; eager_exact_resize keeps the traced "
+         "resize size equal to eager's; trace on an image with detections, or the graph "
+         "holds only the empty path")
+
+
+def mask_rcnn_family(name: str, construct: Construct, max_trainable_layers: int | None = None,
+                     freeze_pretrained_bn: bool = True) -> ModelFamily:
+    """The registry entry of a Mask R-CNN variant built by ``construct``."""
+    variant = MaskRCNNVariant(name, construct, max_trainable_layers, freeze_pretrained_bn)
+    return ModelFamily(name=name, build=variant.build, keys=PARAMETER_KEYS,
+                       loss_names=LOSS_NAMES, onnx=ONNX, postprocess_cuts=postprocess_cuts,
+                       resolve=variant.settings)
+
+
+RESNET50_FPN = mask_rcnn_family("maskrcnn_resnet50_fpn", build_resnet50_fpn, 5)
+# the v2 recipe trains its pretrained BatchNorm layers
+RESNET50_FPN_V2 = mask_rcnn_family("maskrcnn_resnet50_fpn_v2", build_resnet50_fpn_v2, 5,
+                                   freeze_pretrained_bn=False)
+MOBILENET_V3_LARGE_FPN = mask_rcnn_family("maskrcnn_mobilenet_v3_large_fpn",
+                                          build_mobilenet_v3_large_fpn, 6)

@@ -4,6 +4,9 @@ Backbone: a stem and three stages of GroupNorm convs (32-64-128-256 channels, st
 4/8/16) feeding a 64-channel FPN (+ a max-pooled level at stride 32). GroupNorm rather than
 BatchNorm because CPU batches hold one or two images. Heads: a 256-wide two-layer box head
 and a mask head of two 64-channel convs. Anchors 16-128 px suit 160-320 px images.
+
+A Mask R-CNN family (`FAMILY`): the same parameters, losses and ONNX tracing as the
+torchvision variants in `instseg_pipeline.models.maskrcnn`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from instseg_pipeline.models.maskrcnn import mask_rcnn_family
 
 STAGE_CHANNELS = (32, 64, 128, 256)
 FPN_CHANNELS = 64
@@ -93,3 +98,6 @@ def build_tiny(num_classes: int, spec: dict, detector_kwargs: dict) -> MaskRCNN:
     nn.init.normal_(model.roi_heads.mask_predictor.mask_fcn_logits.weight, std=0.001)
     return model
 
+
+# nothing pretrained: no backbone stages to freeze
+FAMILY = mask_rcnn_family("maskrcnn_tiny", build_tiny)
