@@ -261,8 +261,8 @@ ERROR_ANALYSIS = [
 
     from instseg_pipeline.data.images import load_image
     from instseg_pipeline.data.masks import decode_strings
+    from instseg_pipeline.evaluation.errors import false_negatives, false_positives
     from instseg_pipeline.viz.overlays import overlay_masks
-    from instseg_pipeline.viz.evaluation import false_negatives, false_positives
 
     logger = logging.getLogger("instseg_pipeline.notebooks.error_analysis")
     WORST = 4      # images shown side by side

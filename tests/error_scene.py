@@ -1,4 +1,5 @@
-"""Evaluation figures on a tiny on-disk dataset with known true / false positives.
+"""A tiny on-disk dataset with known true / false positives, shared by the error-analysis
+tests (tests/evaluation/test_errors.py) and the figure tests (tests/viz/).
 
 Scene (160 x 120 PNGs, categories circle=1, square=2, triangle=5):
 - image 1 (val): circle A and square B, both found; a confident background FP (p3) and a
@@ -10,21 +11,17 @@ Scene (160 x 120 PNGs, categories circle=1, square=2, triangle=5):
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
-import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
 from instseg_pipeline.data import masks
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
 from instseg_pipeline.evaluation import metrics as evaluation
-from instseg_pipeline.viz.overlays import evaluation as ve
 
 HEIGHT, WIDTH = 120, 160
 THRESHOLD = 0.5
@@ -104,9 +101,9 @@ def _prediction_row(prediction_id, image_id, category_id, score, mask):
             "height": HEIGHT, "width": WIDTH}
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("viz_dataset")
+def build_scene(root: Path) -> dict:
+    """Write the scene's images under ``root`` and evaluate its predictions: the tables,
+    COCO metrics and PR arrays, and the matched pairs at `THRESHOLD`."""
     (root / "images").mkdir()
     for image_id in range(1, 5):
         _write_image(root / "images" / f"img{image_id}.png", image_id)
@@ -121,6 +118,13 @@ def data(tmp_path_factory):
     return _evaluated(root, images, instances, categories, predictions)
 
 
+def without_predictions(scene: dict) -> dict:
+    """The same dataset with no predictions at all."""
+    predictions = scene["predictions"].iloc[0:0]
+    return _evaluated(scene["root"], scene["images"], scene["instances"], scene["categories"],
+                      predictions)
+
+
 def _evaluated(root, images, instances, categories, predictions) -> dict:
     result = evaluation.coco_metrics(images, instances, categories, predictions, "val",
                                      backend="pycocotools")
@@ -131,229 +135,20 @@ def _evaluated(root, images, instances, categories, predictions) -> dict:
             "arrays": result["arrays"], "matches": matches}
 
 
-@pytest.fixture(scope="module")
-def empty(data):
-    """The same dataset with no predictions at all."""
-    predictions = data["predictions"].iloc[0:0]
-    return _evaluated(data["root"], data["images"], data["instances"], data["categories"],
-                      predictions)
+# ------------------------------------------------------------------ reading figures
 
-
-def _history():
-    iterations = np.arange(60)
-    history = pd.DataFrame({"iteration": iterations, "epoch": iterations // 20,
-                            "loss": 2.0 * np.exp(-iterations / 30) + 0.1,
-                            "loss_mask": np.exp(-iterations / 30), "lr": 0.01})
-    val = pd.DataFrame({"epoch": [0, 1, 2], "iteration": [20, 40, 60],
-                        "loss": [1.3, 0.9, 0.7]})
-    return history, val
-
-
-def _dashboard(d, history=None, val_history=None):
-    return ve.performance_dashboard(d["metrics"], d["arrays"], d["matches"], history,
-                                    val_history, d["categories"], d["predictions"],
-                                    d["images"], d["instances"], d["root"])
-
-
-def _titles(figure: Figure) -> list[str]:
+def titles(figure: Figure) -> list[str]:
     return [ax.get_title() for ax in figure.axes]
 
 
-def _saved_size(figure: Figure, path: Path) -> int:
+def saved_size(figure: Figure, path: Path) -> int:
+    """Bytes of the figure saved as PNG: a blank figure is far smaller than a drawn one."""
     figure.savefig(path, dpi=40)
     return path.stat().st_size
 
 
-def _axis_with_title(figure: Figure, text: str):
+def axis_with_title(figure: Figure, text: str):
+    """The one axes whose title contains ``text``."""
     found = [ax for ax in figure.axes if text in ax.get_title()]
-    assert len(found) == 1, (text, _titles(figure))
+    assert len(found) == 1, (text, titles(figure))
     return found[0]
-
-
-# ------------------------------------------------------------------ pure helpers
-
-def test_matching_behind_the_scene_is_as_designed(data):
-    pairs = set(zip(data["matches"]["prediction_id"], data["matches"]["instance_id"]))
-    assert pairs == {(1, 11), (2, 12), (5, 21), (6, 31)}
-
-
-def test_false_positives_are_the_unmatched_confident_predictions(data):
-    found = ve.false_positives(data["predictions"], data["matches"], THRESHOLD)
-    assert found["prediction_id"].tolist() == [3, 8]  # highest score first
-    outside_crowd = ve.false_positives(data["predictions"], data["matches"], THRESHOLD,
-                                       instances=data["instances"])
-    assert outside_crowd["prediction_id"].tolist() == [3]
-    everything = ve.false_positives(data["predictions"], data["matches"], 0.0,
-                                    instances=data["instances"])
-    assert everything["prediction_id"].tolist() == [3, 4]
-
-
-def test_in_crowd_flags_only_the_prediction_on_the_crowd_region(data):
-    flags = ve.in_crowd(data["predictions"], data["instances"])
-    assert data["predictions"]["prediction_id"][flags].tolist() == [8]
-
-
-def test_false_negatives_are_unmatched_non_crowd_gt_of_the_split(data):
-    val = ve.split_images(data["images"], "val")
-    found = ve.false_negatives(data["instances"], data["matches"], val)
-    assert found["instance_id"].tolist() == [22]
-    everywhere = ve.false_negatives(data["instances"], data["matches"], data["images"])
-    assert sorted(everywhere["instance_id"]) == [22, 41]
-
-
-def test_image_scores_count_found_missed_and_confused(data):
-    val = ve.split_images(data["images"], "val")
-    scores = ve.image_scores(val, data["instances"], data["predictions"], data["matches"],
-                             THRESHOLD).set_index("image_id")
-    assert scores.loc[[1, 2, 3], "ground_truth"].tolist() == [2, 2, 1]
-    assert scores.loc[[1, 2, 3], "predicted"].tolist() == [3, 1, 1]  # p4 low, p8 in crowd
-    assert scores.loc[[1, 2, 3], "correct"].tolist() == [2, 1, 0]
-    assert scores["f1"].round(6).tolist() == [0.8, round(2 / 3, 6), 0.0]
-    assert scores.loc[2, "recall"] == 0.5 and scores.loc[1, "precision"] == pytest.approx(2 / 3)
-    assert scores.loc[1, "mean_iou"] == pytest.approx(
-        data["matches"].set_index("image_id").loc[1, "iou"].mean())
-
-
-def test_confusion_counts_place_matches_false_positives_and_misses(data):
-    val = ve.split_images(data["images"], "val")
-    fp = ve.false_positives(data["predictions"], data["matches"], THRESHOLD, data["instances"])
-    fn = ve.false_negatives(data["instances"], data["matches"], val)
-    counts = ve.confusion_counts(data["categories"], data["matches"], fp, fn)
-    assert counts.index.tolist() == ["circle", "square", "triangle", "background"]
-    assert counts.columns.tolist() == ["circle", "square", "triangle", "missed"]
-    expected = np.zeros((4, 4), dtype=np.int64)
-    expected[0, 0] = expected[0, 1] = 1   # circle found; circle called square
-    expected[1, 1] = 2                    # two squares found
-    expected[2, 3] = 1                    # triangle missed
-    expected[3, 1] = 1                    # background called square
-    np.testing.assert_array_equal(counts.to_numpy(), expected)
-
-
-# ------------------------------------------------------------------ figures
-
-def test_visualisation_suite_has_four_panels_per_image(data, tmp_path):
-    figure = ve.visualisation_suite(data["images"], data["instances"], data["categories"],
-                                    data["predictions"], data["root"], [1, 2])
-    assert isinstance(figure, Figure) and len(figure.axes) == 8
-    titles = _titles(figure)
-    assert titles[1] == "ground truth: 2 instances" and titles[5] == "ground truth: 2 instances"
-    assert titles[2] == "prediction: 3 instances"  # p4 is below the threshold
-    captions = [t.get_text() for t in figure.axes[2].texts]
-    assert sorted(captions) == ["circle 0.95", "square 0.80", "square 0.90"]
-    legend = [t.get_text() for t in figure.axes[3].get_legend().get_texts()]
-    assert legend == ["circle", "square"]
-    assert "circle (crowd)" in [t.get_text() for t in figure.axes[5].texts]
-    assert _saved_size(figure, tmp_path / "suite.png") > 10_000
-
-
-def test_visualisation_suite_rejects_unknown_image_ids(data):
-    with pytest.raises(ValueError, match=r"\[99\]"):
-        ve.visualisation_suite(data["images"], data["instances"], data["categories"],
-                               data["predictions"], data["root"], [1, 99])
-
-
-def test_performance_dashboard_panels(data, tmp_path):
-    history, val = _history()
-    figure = _dashboard(data, history, val)
-    assert isinstance(figure, Figure) and len(figure.axes) == 11  # 7 panels + 4 images
-    per_class = _axis_with_title(figure, "AP per class")
-    labels = [t.get_text() for t in per_class.get_xticklabels()]
-    assert sorted(labels) == ["circle", "square", "triangle"]
-    pr = _axis_with_title(figure, "precision–recall")
-    legend = [t.get_text() for t in pr.get_legend().get_texts()]
-    assert any(text.startswith("IoU .50 (AP") for text in legend) and len(legend) == 3
-    histogram = _axis_with_title(figure, "mask IoU of matched")
-    assert sum(p.get_height() for p in histogram.patches) == len(data["matches"])
-    confusion = _axis_with_title(figure, "GT class vs predicted class")
-    assert [t.get_text() for t in confusion.get_yticklabels()][-1] == "background"
-    loss = _axis_with_title(figure, "training curves")
-    assert "validation loss" in [t.get_text() for t in loss.get_legend().get_texts()]
-    assert _saved_size(figure, tmp_path / "dashboard.png") > 10_000
-
-
-def test_dashboard_ap_bars_carry_the_metric_values(data):
-    figure = _dashboard(data)
-    bars = _axis_with_title(figure, "COCO AP")
-    segm = [p.get_height() for p in bars.containers[0]]
-    assert segm[0] == pytest.approx(data["metrics"]["segm"]["mAP"])
-    assert segm[1] == pytest.approx(data["metrics"]["segm"]["mAP_50"])
-
-
-def test_worst_and_best_images_rank_by_f1(data, tmp_path):
-    figure = ve.worst_and_best_images(data["images"], data["instances"], data["categories"],
-                                      data["predictions"], data["matches"], data["root"], n=2)
-    titles = _titles(figure)
-    assert len(titles) == 3  # worst: images 3 and 2; best: image 1 (the rest are taken)
-    assert titles[0].startswith("image 3 · F1 0.00")
-    assert titles[1].startswith("image 2 · F1 0.67")
-    assert titles[2].startswith("image 1 · F1 0.80")
-    assert "1 wrong class" in titles[0]
-    assert _saved_size(figure, tmp_path / "ranked.png") > 10_000
-
-
-def test_false_positive_gallery_shows_exactly_the_false_positives(data, tmp_path):
-    figure = ve.false_positive_gallery(data["images"], data["instances"], data["categories"],
-                                       data["predictions"], data["matches"], data["root"])
-    assert len(figure.axes) == 1
-    title = figure.axes[0].get_title()
-    assert title.startswith("square · score 0.80") and "image 1" in title
-    assert _saved_size(figure, tmp_path / "fp.png") > 10_000
-
-
-def test_false_negative_gallery_shows_exactly_the_missed_gt(data, tmp_path):
-    figure = ve.false_negative_gallery(data["images"], data["instances"], data["categories"],
-                                       data["predictions"], data["matches"], data["root"])
-    assert len(figure.axes) == 1
-    area = int(data["instances"].set_index("instance_id").loc[22, "area"])
-    assert figure.axes[0].get_title().startswith(f"triangle · area {area}\nimage 2")
-    assert _saved_size(figure, tmp_path / "fn.png") > 10_000
-
-
-# ------------------------------------------------------------------ empty inputs
-
-def test_figures_without_any_prediction(empty, tmp_path):
-    assert len(empty["matches"]) == 0
-    figures = {
-        "suite": ve.visualisation_suite(empty["images"], empty["instances"],
-                                        empty["categories"], empty["predictions"],
-                                        empty["root"], [1, 3]),
-        "dashboard": _dashboard(empty),
-        "ranked": ve.worst_and_best_images(empty["images"], empty["instances"],
-                                           empty["categories"], empty["predictions"],
-                                           empty["matches"], empty["root"]),
-        "fn": ve.false_negative_gallery(empty["images"], empty["instances"],
-                                        empty["categories"], empty["predictions"],
-                                        empty["matches"], empty["root"]),
-    }
-    for name, figure in figures.items():
-        assert isinstance(figure, Figure)
-        figure.savefig(tmp_path / f"{name}.png", dpi=30)
-    histogram = _axis_with_title(figures["dashboard"], "mask IoU of matched")
-    assert "no matched" in histogram.texts[0].get_text()
-    assert len(figures["dashboard"].axes) == 11
-    assert len(figures["fn"].axes) == 5  # all five non-crowd val GT are missed
-
-
-def test_none_found_figures_say_so(empty):
-    figure = ve.false_positive_gallery(empty["images"], empty["instances"],
-                                       empty["categories"], empty["predictions"],
-                                       empty["matches"], empty["root"])
-    assert figure.axes[0].get_title() == "False positives"
-    assert figure.axes[0].texts[0].get_text() == "none found: no prediction has score ≥ 0.5"
-    nothing = ve.visualisation_suite(empty["images"], empty["instances"],
-                                     empty["categories"], empty["predictions"],
-                                     empty["root"], [])
-    assert "no images" in nothing.axes[0].texts[0].get_text()
-
-
-def test_module_does_not_import_torch():
-    code = ("import sys, instseg_pipeline.viz.evaluation; "
-            "sys.exit(1 if 'torch' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
-def test_false_positive_gallery_when_every_prediction_matched(data):
-    matched = data["predictions"][data["predictions"]["prediction_id"].isin([1, 2, 5, 6])]
-    figure = ve.false_positive_gallery(data["images"], data["instances"], data["categories"],
-                                       matched, data["matches"], data["root"])
-    assert figure.axes[0].texts[0].get_text().startswith("none found: every prediction")

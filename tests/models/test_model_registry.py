@@ -118,3 +118,13 @@ def test_a_family_must_say_why_it_is_not_exportable_and_keep_common_keys_out():
     with pytest.raises(ValueError, match=r"keys \['weights'\] are common to every family"):
         ModelFamily(name="x", build=WholeImage, keys=("weights",), loss_names=(),
                     onnx=OnnxSpec(False, "no"), postprocess_cuts=dict)
+
+
+def test_export_refuses_a_family_that_says_it_cannot_be_exported(fake_registered, tmp_path):
+    from instseg_pipeline.export.onnx import ExportError, export_onnx
+
+    network = build_model({"name": "whole_image", "bias": 2.0}, num_classes=2).eval()
+    with pytest.raises(ExportError, match="whole_image cannot be exported to ONNX: a test "
+                                          "family; serve it with the torch backend"):
+        export_onnx(network, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()

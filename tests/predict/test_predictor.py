@@ -1,91 +1,40 @@
-"""Predictor: torch and ONNX Runtime (a file from `export.export_onnx`) agree, the manifest
-guards the ONNX file, uploads decode with the image policy. The helpers here (tiny model,
-ONNX export, test images) are shared with test_api.py and test_predict_cli.py."""
+"""Predictor: torch and ONNX Runtime (a file from `export.onnx.export_onnx`) agree, the
+manifest guards the ONNX file, uploads decode with the image policy. The tiny model, its ONNX
+export and the test images come from tests/model_fixtures.py."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from model_fixtures import (
+    CLASSES,
+    EXPORT_SIZE,
+    export_tiny_onnx,
+    png_bytes,
+    png_header_only,
+    scene,
+    tiny_model_dict,
+)
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from instseg_pipeline.data.images import ImageProblem
-from instseg_pipeline.models import build_model, model_config
-from instseg_pipeline.predict.predictor import (
+from instseg_pipeline.data.masks import rle_bbox, string_to_rle
+from instseg_pipeline.export.manifest import (
     ManifestError,
-    ModelNotFoundError,
-    Predictor,
-    decode_upload,
-    default_manifest_path,
     file_sha256,
-    find_latest_checkpoint,
+    manifest_path,
     read_manifest,
     write_manifest,
 )
-
-CLASSES = {1: "disk", 2: "square"}
-TINY_PARAMS = {"name": "maskrcnn_tiny", "min_size": 224, "max_size": 256,
-               "box_score_thresh": 0.0, "box_detections_per_img": 20}
-EXPORT_SIZE = (200, 240)  # (H, W): the network resizes it by 256 / 240, away from rounding ties
-
-
-def tiny_model_dict(seed: int = 0) -> dict:
-    """An untrained maskrcnn_tiny as the training pipeline saves it (it still detects)."""
-    torch.manual_seed(seed)
-    num_classes = len(CLASSES) + 1
-    network = build_model(TINY_PARAMS, num_classes)
-    return {"config": model_config(TINY_PARAMS, num_classes), "state_dict": network.state_dict(),
-            "classes": dict(CLASSES), "iterations": 7}
-
-
-def save_checkpoint(path: Path, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(tiny_model_dict(seed), path)
-    return path
-
-
-def export_tiny_onnx(model_dict: dict, path: Path) -> Path:
-    """``<path>`` ONNX + manifest through the project's exporter (`export.export_onnx`)."""
-    from instseg_pipeline.export import export_onnx
-    from instseg_pipeline.models import load_model
-
-    network = load_model(model_dict["config"], model_dict["state_dict"]).eval()
-    export_onnx(network, path, opset=17, example_size=EXPORT_SIZE,
-                classes=model_dict["classes"], config=model_dict["config"],
-                iterations=model_dict["iterations"])
-    return path
-
-
-def scene(height: int = 192, width: int = 256, seed: int = 0) -> np.ndarray:
-    """uint8 [H, W, 3]: a noisy background with a bright disk and a dark square."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(60, 120, size=(height, width, 3), dtype=np.uint8)
-    ys, xs = np.mgrid[:height, :width]
-    image[(ys - height // 2) ** 2 + (xs - width // 3) ** 2 < (height // 5) ** 2] = (240, 200, 40)
-    image[height // 6: height // 6 + height // 4, width - width // 3: width - width // 8] = (
-        20, 40, 160)
-    return image
-
-
-def png_bytes(image: np.ndarray, **save_args) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", **save_args)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A 60-byte PNG whose IHDR claims ``width`` x ``height`` RGB pixels (a pixel bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
-            + chunk(b"IEND", b""))
+from instseg_pipeline.predict.predictor import (
+    ModelNotFoundError,
+    Predictor,
+    decode_upload,
+    find_latest_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +74,11 @@ def test_instances_are_coco_shaped(model_files):
     image = scene()
     instances = predictor.predict(image, score_threshold=0.0, polygons=True)
     first = instances[0]
-    x1, y1, x2, y2 = first["box"]
-    assert first["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    x1, y1, x2, y2 = first["box"]  # the detector's box; bbox and area are the mask's
+    assert x2 >= x1 and y2 >= y1
+    assert first["bbox"] == rle_bbox(string_to_rle(first["rle"]["counts"], 192, 256))
     assert first["rle"]["size"] == [192, 256] and isinstance(first["rle"]["counts"], str)
+    assert all(i["area"] > 0 for i in instances)  # empty masks are dropped
     assert first["category_name"] == CLASSES[first["label"]]
     assert [i["score"] for i in instances] == sorted((i["score"] for i in instances),
                                                      reverse=True)
@@ -153,7 +104,7 @@ def test_info_names_backend_classes_and_version(model_files):
 def test_tampered_onnx_is_refused(model_files, tmp_path):
     tampered = tmp_path / "model.onnx"
     tampered.write_bytes(model_files["onnx"].read_bytes() + b"\0")
-    manifest = default_manifest_path(model_files["onnx"])
+    manifest = manifest_path(model_files["onnx"])
     with pytest.raises(ManifestError, match="does not match the manifest"):
         Predictor.from_onnx(tampered, manifest)
     with pytest.raises(ManifestError, match="no manifest beside it"):
@@ -161,7 +112,7 @@ def test_tampered_onnx_is_refused(model_files, tmp_path):
 
 
 def test_manifest_with_wrong_digest_is_refused(model_files, tmp_path):
-    content = read_manifest(default_manifest_path(model_files["onnx"]))
+    content = read_manifest(manifest_path(model_files["onnx"]))
     content["sha256"] = "0" * 64
     wrong = write_manifest(content, tmp_path / "wrong.json")
     with pytest.raises(ManifestError, match="SHA-256"):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from instseg_pipeline.config_schema import ConfigError, build
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_to_string
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
+from instseg_pipeline.engine.config import AugmentationConfig
 from instseg_pipeline.torchdata.augment import (
     AugmentationConfigError,
     build_augmentation,
@@ -24,11 +26,16 @@ RED = (slice(20, 60), slice(15, 55))
 GREEN = (slice(50, 85), slice(70, 120))
 
 
+def typed(params: dict) -> AugmentationConfig:
+    """The ``training.augmentation`` block as the training node builds it."""
+    return build(AugmentationConfig, params, "training.augmentation")
+
+
 def _build(params):
     """build_augmentation, failing on any warning (2.x ignores 1.x arguments with one)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return build_augmentation(params)
+        return build_augmentation(typed(params))
 
 
 @pytest.fixture
@@ -106,7 +113,7 @@ def test_boxes_dropped_by_albumentations_take_their_masks(dataset_factory):
 
 
 def test_none_preset_is_no_augmentation():
-    assert build_augmentation({"preset": "none"}) is None
+    assert build_augmentation(typed({"preset": "none"})) is None
     assert build_augmentation(None) is None
 
 
@@ -121,19 +128,22 @@ def test_presets_build_without_warnings():
 
 def test_strong_needs_a_size():
     with pytest.raises(AugmentationConfigError, match="size"):
-        build_augmentation({"preset": "strong"})
+        build_augmentation(typed({"preset": "strong"}))
 
 
 def test_unknown_preset_and_transform():
-    with pytest.raises(AugmentationConfigError, match="preset"):
-        build_augmentation({"preset": "medium"})
+    with pytest.raises(ConfigError, match=r"training\.augmentation\.preset: expected one of"):
+        typed({"preset": "medium"})
+    with pytest.raises(AugmentationConfigError, match="preset"):  # built by hand, unchecked
+        build_augmentation(AugmentationConfig(preset="medium"))
     with pytest.raises(AugmentationConfigError, match="Nonexistent"):
-        build_augmentation({"transforms": [{"name": "Nonexistent"}]})
+        build_augmentation(typed({"transforms": [{"name": "Nonexistent"}]}))
 
 
 def test_old_argument_names_are_errors():
     with pytest.raises(AugmentationConfigError, match="var_limit"):
-        build_augmentation({"transforms": [{"name": "GaussNoise", "var_limit": [10, 50]}]})
+        build_augmentation(typed({"transforms": [{"name": "GaussNoise",
+                                                  "var_limit": [10, 50]}]}))
 
 
 def test_transform_list_replaces_the_preset():
@@ -174,7 +184,7 @@ def test_seed_augmentation_repeats_exactly():
 
 
 def test_augmentation_preview_draws_a_grid(dataset_factory):
-    from instseg_pipeline.viz.overlays import augmentation_preview
+    from instseg_pipeline.viz.training import augmentation_preview
 
     figure = augmentation_preview(dataset_factory({"preset": "light"}), n=3, seed=0)
     drawn = [ax for ax in figure.axes if ax.images]

@@ -1,55 +1,40 @@
 """One image in, instances out: a trained model (torch) or its ONNX export (onnxruntime).
 
-Both backends get the same input, float32 ``[3, H, W]`` in [0, 1] at the image's own size
-(the network resizes and normalises inside), and give the same raw outputs: boxes float32
-[N, 4] xyxy, labels int64 [N], scores float32 [N], masks float32 [N, 1, H, W] probabilities
-pasted at full image size. `Predictor` turns those into instances with COCO RLE masks.
-
-ONNX manifest: a JSON file beside ``<model>.onnx`` (``<model>.manifest.json``; the names
-in `MANIFEST_CANDIDATES` are also accepted) holding::
-
-    {"format": "instseg-onnx", "format_version": 1, "onnx_file": "model.onnx",
-     "sha256": "<hex digest of the .onnx file>", "classes": {"1": "name", ...},
-     "opset": 17, "config": {<model config>}, "iterations": 1200,
-     "category_ids": {"1": 18, ...}}
-
-``sha256`` and ``classes`` are required, ``iterations`` and ``category_ids`` (model label ->
-dataset category id, identity when absent) optional; a file whose digest differs is refused.
-The same optional ``category_ids`` key is read from a trained model dict. The format
-is written by `instseg_pipeline.export` (`write_manifest`, `verify_manifest`); reading it for serving
-lives here (`find_manifest`, `read_manifest`).
+`Predictor` runs the one inference path: `preprocess.to_chw`, a backend
+(`backends.TorchBackend` or `backends.OnnxBackend`, same raw outputs), then
+`postprocess.postprocess` (score >= threshold, mask probability >= threshold, empty masks
+dropped, best first). An ONNX file is served only with the manifest written at export
+(`export.manifest`), whose SHA-256 must match the file; the manifest's optional
+``category_ids`` (model label -> dataset category id, identity when absent) is also read
+from a trained model dict.
 """
 from __future__ import annotations
 
 import io
-import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem, _to_rgb_array
-from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_to_string
-
-# The manifest is written by the exporter; these are re-exported for the serving side.
-from instseg_pipeline.export import (  # noqa: F401
-    ManifestError,
+from instseg_pipeline.export.manifest import (
+    ManifestError,  # noqa: F401  (callers catch it from here)
     file_sha256,
+    find_manifest,
+    read_manifest,
     verify_manifest,
-    write_manifest,
 )
-from instseg_pipeline.export import manifest_path as default_manifest_path  # noqa: F401
+from instseg_pipeline.export.onnx import create_session
+from instseg_pipeline.predict.backends import OnnxBackend, TorchBackend
+from instseg_pipeline.predict.postprocess import Detections, instance_dicts, postprocess
+from instseg_pipeline.predict.preprocess import to_chw
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_CANDIDATES = ("{stem}.manifest.json", "{name}.json", "{stem}.json", "manifest.json")
 MODEL_DICT_KEYS = ("config", "state_dict", "classes")
-OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -103,38 +88,7 @@ def _exif_oriented(image: Image.Image) -> Image.Image:
         return image
 
 
-# --- files, digests and the manifest ---------------------------------------------------------
-
-def find_manifest(onnx_path: str | Path) -> Path:
-    """The manifest beside ``onnx_path`` (first of `MANIFEST_CANDIDATES` that exists)."""
-    onnx_path = Path(onnx_path)
-    names = [c.format(stem=onnx_path.stem, name=onnx_path.name) for c in MANIFEST_CANDIDATES]
-    for name in names:
-        if (onnx_path.parent / name).is_file():
-            return onnx_path.parent / name
-    raise ManifestError(f"{onnx_path}: no manifest beside it (looked for {', '.join(names)}); "
-                        "an ONNX model is only served with the manifest written at export")
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The manifest at ``path``, checked for its required keys; classes keyed by int."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: cannot read the manifest ({exc})") from None
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"{path}: manifest is not a JSON object")
-    missing = [k for k in ("sha256", "classes") if k not in manifest]
-    if missing:
-        raise ManifestError(f"{path}: manifest lacks the keys {missing}")
-    try:
-        manifest["classes"] = {int(k): str(v) for k, v in manifest["classes"].items()}
-    except (AttributeError, ValueError):
-        raise ManifestError(f"{path}: manifest classes must map integer labels to names"
-                            ) from None
-    return manifest
-
+# --- files ------------------------------------------------------------------------------------
 
 def find_latest_checkpoint(root: str | Path = ".", source_name: str | None = None) -> Path:
     """Newest Kedro-versioned ``data/06_models/<source>/model.pt/<version>/model.pt`` under root.
@@ -149,112 +103,6 @@ def find_latest_checkpoint(root: str | Path = ".", source_name: str | None = Non
             f"no trained model found: looked for {Path(root).resolve() / pattern}; train one "
             "(kedro run --pipeline training) or pass a checkpoint or an ONNX file")
     return found[-1]
-
-
-# --- backends ---------------------------------------------------------------------------------
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` is CUDA when available, else CPU; anything else is passed through."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class TorchBackend:
-    """Calls a torchvision detection model on one image; ``name`` = torch."""
-
-    name = "torch"
-
-    def __init__(self, model, device: str = "auto"):
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
-
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """``image`` float32 [3, H, W] in [0, 1] -> raw outputs (see the module docstring)."""
-        import torch
-
-        with torch.inference_mode():
-            output = self.model([torch.from_numpy(image).to(self.device)])[0]
-        return {k: output[k].float().cpu().numpy() if k != "labels" else
-                output[k].cpu().numpy() for k in OUTPUT_NAMES}
-
-
-class OnnxBackend:
-    """Runs an exported model with onnxruntime; ``name`` = onnxruntime."""
-
-    name = "onnxruntime"
-
-    def __init__(self, path: str | Path, providers: list[str] | None = None,
-                 threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(path), options, providers=providers or
-                                            ["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        names = [o.name for o in self.session.get_outputs()]
-        # exports name their outputs; an unnamed export is read in the documented order
-        self.output_names = list(OUTPUT_NAMES) if set(OUTPUT_NAMES) <= set(names) else names[:4]
-        self.device = "cuda" if "CUDAExecutionProvider" in self.session.get_providers() else "cpu"
-
-    def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """``image`` float32 [3, H, W] in [0, 1] -> raw outputs (see the module docstring)."""
-        values = self.session.run(self.output_names, {self.input_name: image})
-        return dict(zip(OUTPUT_NAMES, values))
-
-
-# --- post-processing --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Detections:
-    """Instances of one image above a score threshold, best first.
-
-    boxes float32 [N, 4] xyxy, labels int64 [N], scores float32 [N], masks uint8 [N, H, W].
-    """
-
-    boxes: np.ndarray
-    labels: np.ndarray
-    scores: np.ndarray
-    masks: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
-def _select(raw: dict, height: int, width: int, score_threshold: float,
-            mask_threshold: float) -> Detections:
-    scores = np.asarray(raw["scores"], np.float32).reshape(-1)
-    keep = np.flatnonzero(scores >= score_threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")]
-    masks = np.asarray(raw["masks"]).reshape(len(scores), height, width)[keep]
-    return Detections(boxes=np.asarray(raw["boxes"], np.float32).reshape(-1, 4)[keep],
-                      labels=np.asarray(raw["labels"]).astype(np.int64).reshape(-1)[keep],
-                      scores=scores[keep], masks=(masks > mask_threshold).astype(np.uint8))
-
-
-def mask_polygons(mask: np.ndarray) -> list[list[float]]:
-    """COCO polygon parts ``[[x1, y1, x2, y2, ...], ...]`` of the outer contours of ``mask``."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1).astype(float).tolist() for c in contours if len(c) >= 3]
-
-
-def instance_dict(mask: np.ndarray, box, label: int, score: float, classes: Mapping,
-                  polygon: bool = False) -> dict:
-    """JSON-ready instance: label, category_name, score, box xyxy, bbox xywh, area, rle."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    rle = bitmap_to_rle(mask)
-    out = {"label": int(label), "category_name": classes.get(int(label), str(label)),
-           "score": float(score), "box": [x1, y1, x2, y2], "bbox": [x1, y1, x2 - x1, y2 - y1],
-           "area": rle_area(rle), "rle": {"size": [int(s) for s in mask.shape],
-                                          "counts": rle_to_string(rle)}}
-    if polygon:
-        out["polygon"] = mask_polygons(mask)
-    return out
 
 
 # --- the predictor ----------------------------------------------------------------------------
@@ -322,7 +170,8 @@ class Predictor:
         manifest = read_manifest(manifest_path or find_manifest(path))
         sha256 = verify_manifest(path, manifest)
         iterations = manifest.get("iterations")
-        return cls(OnnxBackend(path, providers, threads), manifest["classes"], _version(
+        session = create_session(path, {"intra_op_num_threads": threads}, providers)
+        return cls(OnnxBackend(session), manifest["classes"], _version(
             sha256, None if iterations is None else int(iterations), str(path),
             (manifest.get("config") or {}).get("name")), manifest.get("category_ids"))
 
@@ -332,23 +181,20 @@ class Predictor:
 
     def detect(self, image: np.ndarray, score_threshold: float = 0.5,
                mask_threshold: float = 0.5) -> Detections:
-        """`Detections` of ``image`` uint8 [H, W, 3] RGB with score >= ``score_threshold``."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        tensor = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / 255.0
+        """`Detections` of ``image`` uint8 [H, W, 3] RGB (rules: `postprocess`)."""
+        tensor = to_chw(image)
         with self._lock:
             raw = self.backend(tensor)
-        return _select(raw, image.shape[0], image.shape[1], score_threshold, mask_threshold)
+        return postprocess(raw, score_threshold, mask_threshold)
 
     def predict(self, image: np.ndarray, score_threshold: float = 0.5,
                 mask_threshold: float = 0.5, polygons: bool = False) -> list[dict]:
-        """Instances of ``image`` uint8 [H, W, 3] as dicts (see `instance_dict`), best first."""
-        found = self.detect(image, score_threshold, mask_threshold)
-        return self.to_instances(found, polygons)
+        """Instances of ``image`` uint8 [H, W, 3] as dicts (`postprocess.instance_dicts`),
+        best first."""
+        return self.to_instances(self.detect(image, score_threshold, mask_threshold), polygons)
 
     def to_instances(self, found: Detections, polygons: bool = False) -> list[dict]:
-        return [instance_dict(m, b, lab, s, self.classes, polygons)
-                for m, b, lab, s in zip(found.masks, found.boxes, found.labels, found.scores)]
+        return instance_dicts(found, self.classes, polygons)
 
     def info(self) -> dict:
         """classes, version (``sha256:<hex>`` or ``iterations:<n>``), backend, device, ..."""

@@ -1,0 +1,134 @@
+"""The manifest of an exported model: the JSON file beside ``<model>.onnx``.
+
+Written by `export.onnx.export_onnx` as ``<model>.manifest.json`` (the names in
+`MANIFEST_CANDIDATES` are also accepted when reading)::
+
+    {"format": "instseg-onnx", "format_version": 1, "onnx_file": "model.onnx",
+     "sha256": "<hex digest of the .onnx file>", "classes": {"1": "name", ...},
+     "opset": 17, "config": {<model config>}, "iterations": 1200,
+     "category_ids": {"1": 18, ...}, "input": {...}, "outputs": {...}, "versions": {...}}
+
+``sha256`` and ``classes`` are required, ``iterations`` and ``category_ids`` (model label ->
+dataset category id, identity when absent) optional; a file whose digest differs is
+refused. ``input`` and ``outputs`` state the graph's contract (`INPUT_POLICY`,
+`OUTPUT_LAYOUT`).
+
+Reading a manifest needs neither torch, onnx nor Kedro: the server and the catalog dataset
+import this module alone (`library_versions` imports what it reports, when called).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+INPUT_NAME = "image"
+MANIFEST_FORMAT = "instseg-onnx"
+MANIFEST_VERSION = 1
+MANIFEST_CANDIDATES = ("{stem}.manifest.json", "{name}.json", "{stem}.json", "manifest.json")
+INPUT_POLICY = {
+    "name": INPUT_NAME, "dtype": "float32", "shape": [3, "height", "width"],
+    "layout": "CHW", "color": "RGB", "range": [0.0, 1.0], "batch": 1,
+    "dynamic_axes": ["height", "width"],
+    "note": "one image per run: the traced Mask R-CNN fixes the number of images, so the "
+            "graph has no batch axis; resizing and normalisation happen inside",
+}
+OUTPUT_LAYOUT = {  # the raw outputs of `predict.backends` (OUTPUT_NAMES)
+    "boxes": "float32 [N, 4] x1, y1, x2, y2 in input pixels",
+    "labels": "int64 [N] class labels (keys of classes)",
+    "scores": "float32 [N] in [0, 1], best first",
+    "masks": "float32 [N, 1, H, W] probabilities at input size (threshold 0.5)",
+}
+
+
+class ManifestError(ValueError):
+    """An exported model whose manifest is missing, malformed or does not match the file."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that produce and run the graph."""
+    import onnx
+    import onnxruntime
+    import torch
+    import torchvision
+
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest_path(onnx_path: str | Path) -> Path:
+    """``<dir>/<model>.onnx`` -> ``<dir>/<model>.manifest.json``."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(f"{onnx_path.stem}.manifest.json")
+
+
+def build_manifest(onnx_path: Path, opset: int, example_size: tuple[int, int],
+                   classes: Mapping | None, config: Mapping | None, **extra) -> dict:
+    """The manifest of an exported file (SHA-256 computed here)."""
+    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+            "onnx_file": onnx_path.name, "sha256": file_sha256(onnx_path),
+            "classes": {str(int(k)): str(v) for k, v in (classes or {}).items()},
+            "opset": int(opset), "config": dict(config or {}), "exporter": "torchscript",
+            "example_size": [int(s) for s in example_size], "input": INPUT_POLICY,
+            "outputs": OUTPUT_LAYOUT, "versions": library_versions(), **extra}
+
+
+def write_manifest(manifest: Mapping, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def check_digest(actual: str, manifest: Mapping, where: str) -> str:
+    expected = str(manifest.get("sha256", "")).lower()
+    if actual != expected:
+        raise ManifestError(
+            f"{where}: SHA-256 {actual} does not match the manifest's {expected or '(none)'};"
+            " the model file changed after export or the manifest belongs to another model")
+    return actual
+
+
+def verify_manifest(onnx_path: str | Path, manifest: Mapping) -> str:
+    """The file's SHA-256 when it equals the manifest's; raises `ManifestError` if not."""
+    return check_digest(file_sha256(onnx_path), manifest, str(onnx_path))
+
+
+def find_manifest(onnx_path: str | Path) -> Path:
+    """The manifest beside ``onnx_path`` (first of `MANIFEST_CANDIDATES` that exists)."""
+    onnx_path = Path(onnx_path)
+    names = [c.format(stem=onnx_path.stem, name=onnx_path.name) for c in MANIFEST_CANDIDATES]
+    for name in names:
+        if (onnx_path.parent / name).is_file():
+            return onnx_path.parent / name
+    raise ManifestError(f"{onnx_path}: no manifest beside it (looked for {', '.join(names)}); "
+                        "an ONNX model is only served with the manifest written at export")
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest at ``path``, checked for its required keys; classes keyed by int."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: manifest is not a JSON object")
+    missing = [k for k in ("sha256", "classes") if k not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: manifest lacks the keys {missing}")
+    try:
+        manifest["classes"] = {int(k): str(v) for k, v in manifest["classes"].items()}
+    except (AttributeError, ValueError):
+        raise ManifestError(f"{path}: manifest classes must map integer labels to names"
+                            ) from None
+    return manifest

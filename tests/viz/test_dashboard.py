@@ -1,0 +1,62 @@
+"""The performance dashboard on the error scene (see `error_scene`)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from error_scene import axis_with_title, saved_size
+from matplotlib.figure import Figure
+
+from instseg_pipeline.viz.dashboard import performance_dashboard
+
+
+def _history():
+    iterations = np.arange(60)
+    history = pd.DataFrame({"iteration": iterations, "epoch": iterations // 20,
+                            "loss": 2.0 * np.exp(-iterations / 30) + 0.1,
+                            "loss_mask": np.exp(-iterations / 30), "lr": 0.01})
+    val = pd.DataFrame({"epoch": [0, 1, 2], "iteration": [20, 40, 60],
+                        "loss": [1.3, 0.9, 0.7]})
+    return history, val
+
+
+def _dashboard(d, history=None, val_history=None):
+    return performance_dashboard(d["metrics"], d["arrays"], d["matches"], history,
+                                 val_history, d["categories"], d["predictions"],
+                                 d["images"], d["instances"], d["root"])
+
+
+def test_performance_dashboard_panels(data, tmp_path):
+    history, val = _history()
+    figure = _dashboard(data, history, val)
+    assert isinstance(figure, Figure) and len(figure.axes) == 11  # 7 panels + 4 images
+    per_class = axis_with_title(figure, "AP per class")
+    labels = [t.get_text() for t in per_class.get_xticklabels()]
+    assert sorted(labels) == ["circle", "square", "triangle"]
+    pr = axis_with_title(figure, "precision–recall")
+    legend = [t.get_text() for t in pr.get_legend().get_texts()]
+    assert any(text.startswith("IoU .50 (AP") for text in legend) and len(legend) == 3
+    histogram = axis_with_title(figure, "mask IoU of matched")
+    assert sum(p.get_height() for p in histogram.patches) == len(data["matches"])
+    confusion = axis_with_title(figure, "GT class vs predicted class")
+    assert [t.get_text() for t in confusion.get_yticklabels()][-1] == "background"
+    loss = axis_with_title(figure, "training curves")
+    assert "validation loss" in [t.get_text() for t in loss.get_legend().get_texts()]
+    assert saved_size(figure, tmp_path / "dashboard.png") > 10_000
+
+
+def test_dashboard_ap_bars_carry_the_metric_values(data):
+    figure = _dashboard(data)
+    bars = axis_with_title(figure, "COCO AP")
+    segm = [p.get_height() for p in bars.containers[0]]
+    assert segm[0] == pytest.approx(data["metrics"]["segm"]["mAP"])
+    assert segm[1] == pytest.approx(data["metrics"]["segm"]["mAP_50"])
+
+
+def test_dashboard_without_any_prediction(empty, tmp_path):
+    assert len(empty["matches"]) == 0
+    figure = _dashboard(empty)
+    figure.savefig(tmp_path / "dashboard.png", dpi=30)
+    histogram = axis_with_title(figure, "mask IoU of matched")
+    assert "no matched" in histogram.texts[0].get_text()
+    assert len(figure.axes) == 11
