@@ -61,6 +61,7 @@ report(t, len(rles), import_mib)
 
 OURS = """
 import json, logging, resource, sys, time
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.quality import QualityReport
 from instseg_pipeline.data.sources import coco
 """ + REPORT + """
@@ -69,7 +70,7 @@ import_mib = peak_mib()
 t = time.perf_counter()
 params = {"root": sys.argv[1], "annotations": "annotations.json", "images": "images",
           "verify_images": sys.argv[2]}
-tables = coco.read(params, QualityReport("coco"))
+tables = coco.read(SourceConfig.from_params(params), QualityReport("coco"))
 report(t, len(tables.instances), import_mib)
 """
 

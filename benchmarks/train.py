@@ -96,7 +96,8 @@ print(json.dumps({"images_per_s": images / elapsed, "seconds": elapsed,
 OURS = COMMON + """
 import logging
 import pandas as pd
-from instseg_pipeline.engine.fit import fit
+from instseg_pipeline.engine import fit as fit_module
+from instseg_pipeline.engine.config import TrainingConfig
 logging.disable(logging.WARNING)
 tables = {n: pd.read_parquet(f"{args['tables']}/{n}.parquet")
           for n in ("images", "instances", "categories")}
@@ -116,13 +117,13 @@ params = {"seed": 0, "batch_size": args["batch"], "threads": args["threads"],
           "warmup_iters": 0,
           "model": {"name": "maskrcnn_resnet50_fpn", "min_size": args["size"],
                     "max_size": args["size"]}}
-import instseg_pipeline.engine as engine
-original = engine.train
+original = fit_module.train
 def timed_train(*a, **k):
     k["callbacks"] = tuple(k.get("callbacks", ())) + (Timer(),)
     return original(*a, **k)
-engine.train = timed_train
-result = fit(images, tables["instances"], tables["categories"], args["root"], params)
+fit_module.train = timed_train
+result = fit_module.fit(images, tables["instances"], tables["categories"], args["root"],
+                        TrainingConfig.from_params(params))
 elapsed = times[-1] - times[args["warmup"] - 1]
 print(json.dumps({"images_per_s": args["iters"] * args["batch"] / elapsed, "seconds": elapsed,
                   "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -130,11 +131,13 @@ print(json.dumps({"images_per_s": args["iters"] * args["batch"] / elapsed, "seco
 
 
 def _ingest(root: Path, out: Path) -> None:
+    from instseg_pipeline.data.config import SourceConfig
     from instseg_pipeline.data.quality import QualityReport
     from instseg_pipeline.data.sources import coco
 
-    tables = coco.read({"root": str(root), "annotations": "annotations/instances_train2017.json",
-                        "images": "train2017"}, QualityReport("coco"))
+    source = SourceConfig.from_params({"type": "coco", "root": str(root), "images": "train2017",
+                                       "annotations": "annotations/instances_train2017.json"})
+    tables = coco.read(source, QualityReport("coco"))
     for name in ("images", "instances", "categories"):
         getattr(tables, name).to_parquet(out / f"{name}.parquet")
 

@@ -8,9 +8,16 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import cityscapes
 from instseg_pipeline.data.tables import check_tables
+
+
+def typed(params: dict) -> SourceConfig:
+    """The ``source`` block as the ingestion node builds it from the parameters."""
+    return SourceConfig.from_params(params)
+
 
 WIDTH, HEIGHT = 12, 8
 # pixel value -> rectangles (row0, row1, col0, col1), half-open, never overlapping.
@@ -92,8 +99,8 @@ def test_reads_instances_groups_and_full_bit_depth(tmp_path, caplog):
     root = _tree(tmp_path)
     report = QualityReport("cityscapes")
     with caplog.at_level(logging.INFO, logger="instseg_pipeline.data.sources.cityscapes"):
-        tables = cityscapes.read({"root": str(root), "splits": ["train", "val", "test"],
-                                  "verify_images": "decode"}, report)
+        tables = cityscapes.read(typed({"root": str(root), "splits": ["train", "val", "test"],
+                                        "verify_images": "decode"}), report)
     assert "skipping split 'test'" in caplog.text
     check_tables(tables.images, tables.instances, tables.categories)
     assert tables.images["file_name"].tolist() == [
@@ -113,7 +120,7 @@ def test_reads_instances_groups_and_full_bit_depth(tmp_path, caplog):
 
 
 def test_categories_are_the_eight_evaluated_classes(tmp_path):
-    tables = cityscapes.read({"root": str(_tree(tmp_path))}, QualityReport("cityscapes"))
+    tables = cityscapes.read(typed({"root": str(_tree(tmp_path))}), QualityReport("cityscapes"))
     cats = tables.categories
     assert cats["category_id"].tolist() == [24, 25, 26, 27, 28, 31, 32, 33]
     assert cats["name"].tolist() == ["person", "rider", "car", "truck", "bus", "train",
@@ -126,8 +133,8 @@ def test_categories_are_the_eight_evaluated_classes(tmp_path):
 
 def test_ids_are_deterministic_and_trace_to_pixel_values(tmp_path):
     params = {"root": str(_tree(tmp_path)), "verify_images": "header"}
-    first = cityscapes.read(params, QualityReport("cityscapes"))
-    second = cityscapes.read(params, QualityReport("cityscapes"))
+    first = cityscapes.read(typed(params), QualityReport("cityscapes"))
+    second = cityscapes.read(typed(params), QualityReport("cityscapes"))
     assert first.images.equals(second.images)
     assert first.instances.equals(second.instances)
     assert first.images["image_id"].tolist() == [1, 2, 3]
@@ -147,7 +154,7 @@ def _drop_case(root, case):
 def test_broken_frame_is_skipped(tmp_path, case):
     _drop_case(tmp_path, case)
     report = QualityReport("cityscapes")
-    tables = cityscapes.read({"root": str(tmp_path), "splits": ["train"]}, report)
+    tables = cityscapes.read(typed({"root": str(tmp_path), "splits": ["train"]}), report)
     assert tables.images["file_name"].str.contains("aachen").tolist() == [True]
     assert set(tables.instances["image_id"]) == {1}
     assert report.dropped["images"] == {case: 1}
@@ -158,7 +165,7 @@ def test_broken_frame_is_skipped(tmp_path, case):
 def test_broken_frame_fails_when_asked(tmp_path, case):
     image = _drop_case(tmp_path, case)
     with pytest.raises(IngestionError, match=image.name):
-        cityscapes.read({"root": str(tmp_path), "splits": ["train"]},
+        cityscapes.read(typed({"root": str(tmp_path), "splits": ["train"]}),
                         QualityReport("cityscapes", on_invalid="fail"))
 
 
@@ -176,12 +183,12 @@ def test_undecodable_image_dropped_with_its_instances_only_when_decoding(tmp_pat
                _id_map(height=64, width=64))
     _truncate(bad)
     report = QualityReport("cityscapes")
-    decoded = cityscapes.read({"root": str(root), "splits": ["val"]}, report)
+    decoded = cityscapes.read(typed({"root": str(root), "splits": ["val"]}), report)
     assert decoded.images["image_id"].tolist() == [1]
     assert set(decoded.instances["image_id"]) == {1}
     assert report.dropped["images"] == {"corrupt": 1}
-    probed = cityscapes.read({"root": str(root), "splits": ["val"], "verify_images": "header"},
-                             QualityReport("cityscapes"))
+    probed = cityscapes.read(typed({"root": str(root), "splits": ["val"],
+                                    "verify_images": "header"}), QualityReport("cityscapes"))
     assert probed.images["image_id"].tolist() == [1, 2]
     assert set(probed.instances["image_id"]) == {1, 2}
 
@@ -189,10 +196,10 @@ def test_undecodable_image_dropped_with_its_instances_only_when_decoding(tmp_pat
 def test_missing_split_folder_fails(tmp_path):
     _add_frame(tmp_path, "train", "aachen", 19)
     with pytest.raises(IngestionError, match="leftImg8bit/val"):
-        cityscapes.read({"root": str(tmp_path)}, QualityReport("cityscapes"))
+        cityscapes.read(typed({"root": str(tmp_path)}), QualityReport("cityscapes"))
 
 
 def test_unknown_verify_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="verify_images"):
-        cityscapes.read({"root": str(_tree(tmp_path)), "verify_images": "maybe"},
+        cityscapes.read(typed({"root": str(_tree(tmp_path)), "verify_images": "maybe"}),
                         QualityReport("cityscapes"))

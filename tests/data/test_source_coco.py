@@ -8,6 +8,7 @@ import pytest
 from coco_fixtures import coco_params, decode, make_coco, write_json
 from PIL import Image
 
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import coco
 from instseg_pipeline.data.tables import check_tables, tables_to_coco
@@ -15,7 +16,7 @@ from instseg_pipeline.data.tables import check_tables, tables_to_coco
 
 def _read(params: dict, on_invalid: str = "skip"):
     report = QualityReport("coco", on_invalid)
-    tables = coco.read(params, report)
+    tables = coco.read(SourceConfig.from_params(params), report)
     return tables, report.summary(tables.images, tables.instances)
 
 

@@ -8,9 +8,16 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import mask_folder
 from instseg_pipeline.data.tables import check_tables
+
+
+def typed(params: dict) -> SourceConfig:
+    """The ``source`` block as the ingestion node builds it from the parameters."""
+    return SourceConfig.from_params(params)
+
 
 WIDTH, HEIGHT = 10, 6
 # 1 and 2 touch along a column; the same id map is reused in every image
@@ -75,7 +82,7 @@ def test_palette_masks_keep_touching_instances_apart(tmp_path):
     _pair(tmp_path, "c", ids=np.zeros_like(IDS))
     (tmp_path / "images" / "notes.txt").write_text("not an image")
     report = QualityReport("mask_folder")
-    tables = mask_folder.read({"root": str(tmp_path)}, report)
+    tables = mask_folder.read(typed({"root": str(tmp_path)}), report)
     assert tables.images["file_name"].tolist() == ["images/a.png", "images/b.jpg",
                                                    "images/c.png"]
     assert tables.images["split"].tolist() == ["", "", ""]
@@ -94,7 +101,7 @@ def test_penn_fudan_naming(tmp_path):
           ext=".PNG", kind="L")
     params = {"root": str(tmp_path), "images": "PNGImages", "masks": "PedMasks",
               "mask_suffix": "_mask", "image_glob": ["*.png"], "class_name": "person"}
-    tables = mask_folder.read(params, QualityReport("mask_folder"))
+    tables = mask_folder.read(typed(params), QualityReport("mask_folder"))
     assert tables.images["file_name"].tolist() == ["PNGImages/FudanPed00001.png",
                                                    "PNGImages/PennPed00002.PNG"]
     assert tables.categories["name"].tolist() == ["person"]
@@ -106,7 +113,7 @@ def test_sixteen_bit_ids_above_255(tmp_path):
     ids = IDS.astype(np.int64) * 300  # 300, 600, 900: lost in any 8-bit conversion
     ids[0, 0] = 65535
     _pair(tmp_path, "deep", ids=ids, kind="I;16")
-    tables = mask_folder.read({"root": str(tmp_path)}, QualityReport("mask_folder"))
+    tables = mask_folder.read(typed({"root": str(tmp_path)}), QualityReport("mask_folder"))
     assert tables.instances["instance_id"].tolist() == [100_300, 100_600, 100_900, 165_535]
     _assert_rles_match(tables, ids)
 
@@ -127,7 +134,7 @@ def test_class_map_names_ids_and_ignores_void(tmp_path, how):
         (tmp_path / "classes.yml").write_text("1: person\n2: bicycle\n3: person\n255: null\n")
         params["class_map_file"] = "classes.yml"
     report = QualityReport("mask_folder")
-    tables = mask_folder.read(params, report)
+    tables = mask_folder.read(typed(params), report)
     assert tables.categories["name"].tolist() == ["bicycle", "person"]
     assert tables.categories["category_id"].tolist() == [1, 2]
     assert tables.instances["category_id"].tolist() == [2, 1, 2]
@@ -137,7 +144,7 @@ def test_class_map_names_ids_and_ignores_void(tmp_path, how):
 
 def test_unmapped_ids_fall_back_to_class_name(tmp_path):
     _pair(tmp_path, "a")
-    tables = mask_folder.read({"root": str(tmp_path), "class_map": {2: "bicycle"}},
+    tables = mask_folder.read(typed({"root": str(tmp_path), "class_map": {2: "bicycle"}}),
                               QualityReport("mask_folder"))
     assert tables.categories["name"].tolist() == ["bicycle", "object"]
     assert tables.instances["category_id"].tolist() == [2, 1, 2]
@@ -147,7 +154,7 @@ def test_split_subfolders_and_split_param(tmp_path):
     _pair(tmp_path, "t1", sub="train")
     _pair(tmp_path, "v1", sub="val")
     _pair(tmp_path, "flat")
-    tables = mask_folder.read({"root": str(tmp_path), "split": "train"},
+    tables = mask_folder.read(typed({"root": str(tmp_path), "split": "train"}),
                               QualityReport("mask_folder"))
     by_name = dict(zip(tables.images["file_name"], tables.images["split"]))
     assert by_name == {"images/flat.png": "train", "images/train/t1.png": "train",
@@ -173,7 +180,7 @@ CASES = ["missing_mask", "size_mismatch", "unsupported_mask_mode"]
 def test_broken_pair_is_skipped(tmp_path, case):
     _broken(tmp_path, case)
     report = QualityReport("mask_folder")
-    tables = mask_folder.read({"root": str(tmp_path)}, report)
+    tables = mask_folder.read(typed({"root": str(tmp_path)}), report)
     assert tables.images["file_name"].tolist() == ["images/good.png"]
     assert set(tables.instances["image_id"]) == set(tables.images["image_id"])
     assert report.dropped["images"] == {case: 1}
@@ -184,7 +191,7 @@ def test_broken_pair_is_skipped(tmp_path, case):
 def test_broken_pair_fails_when_asked(tmp_path, case):
     _broken(tmp_path, case)
     with pytest.raises(IngestionError, match="bad"):
-        mask_folder.read({"root": str(tmp_path)},
+        mask_folder.read(typed({"root": str(tmp_path)}),
                          QualityReport("mask_folder", on_invalid="fail"))
 
 
@@ -196,11 +203,11 @@ def test_undecodable_image_dropped_only_when_decoding(tmp_path):
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) * 2 // 3])
     report = QualityReport("mask_folder")
-    decoded = mask_folder.read({"root": str(tmp_path)}, report)
+    decoded = mask_folder.read(typed({"root": str(tmp_path)}), report)
     assert decoded.images["file_name"].tolist() == ["images/good.png"]
     assert set(decoded.instances["image_id"]) == set(decoded.images["image_id"])
     assert report.dropped["images"] == {"corrupt": 1}
-    probed = mask_folder.read({"root": str(tmp_path), "verify_images": "header"},
+    probed = mask_folder.read(typed({"root": str(tmp_path), "verify_images": "header"}),
                               QualityReport("mask_folder"))
     assert probed.images["file_name"].tolist() == ["images/bad.png", "images/good.png"]
 
@@ -209,7 +216,7 @@ def test_two_images_sharing_one_mask_are_refused(tmp_path):
     _pair(tmp_path, "a")
     _write_rgb(tmp_path / "images" / "a.jpg")
     report = QualityReport("mask_folder")
-    tables = mask_folder.read({"root": str(tmp_path)}, report)
+    tables = mask_folder.read(typed({"root": str(tmp_path)}), report)
     assert tables.images["file_name"].tolist() == ["images/a.jpg"]
     assert report.dropped["images"] == {"ambiguous_mask": 1}
 
@@ -217,7 +224,7 @@ def test_two_images_sharing_one_mask_are_refused(tmp_path):
 def test_missing_folder_fails(tmp_path):
     (tmp_path / "images").mkdir()
     with pytest.raises(IngestionError, match="masks"):
-        mask_folder.read({"root": str(tmp_path)}, QualityReport("mask_folder"))
+        mask_folder.read(typed({"root": str(tmp_path)}), QualityReport("mask_folder"))
 
 
 def test_thirty_two_bit_tiff_masks_and_ids_out_of_range(tmp_path):
@@ -228,7 +235,7 @@ def test_thirty_two_bit_tiff_masks_and_ids_out_of_range(tmp_path):
         (tmp_path / "masks").mkdir(exist_ok=True)
         Image.fromarray(ids).save(tmp_path / "masks" / f"{stem}.tif")
     report = QualityReport("mask_folder")
-    tables = mask_folder.read({"root": str(tmp_path), "mask_ext": ".tif"}, report)
+    tables = mask_folder.read(typed({"root": str(tmp_path), "mask_ext": ".tif"}), report)
     assert tables.images["file_name"].tolist() == ["images/wide.png"]
     assert report.dropped["images"] == {"mask_id_out_of_range": 1}
     _assert_rles_match(tables, wide)

@@ -2,13 +2,13 @@
 same global batch; rank helpers in a single process."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from process_fixtures import free_port
 from torch import nn
 
-from instseg_pipeline.engine import distributed, train
+from instseg_pipeline.engine import distributed
+from instseg_pipeline.engine.config import TrainingConfig
+from instseg_pipeline.engine.loop import train
 
 GLOBAL_BATCH = 4
 CONFIG = {"device": "cpu", "progress_bar": False, "warmup_iters": 0, "log_every": 0,
@@ -71,9 +71,9 @@ def train_and_collect(checkpoint_dir: str) -> dict:
             local = {n: p.grad.clone() for n, p in info["model"].named_parameters()}
             grads.append(distributed.all_gather_objects(local))  # collective: every rank
 
-    result = train(MeanRegressor(), lambda epoch: ShardLoader(rank, world), CONFIG,
-                   checkpoint_dir=Path(checkpoint_dir), model_config=MODEL_CONFIG,
-                   callbacks=[keep_grads])
+    config = TrainingConfig.from_params({**CONFIG, "checkpoint_dir": checkpoint_dir})
+    result = train(MeanRegressor(), lambda epoch: ShardLoader(rank, world), config,
+                   model_config=MODEL_CONFIG, callbacks=[keep_grads])
     return {"rank": rank, "world": world, "grads": grads, "state": result.state_dict,
             "checkpoint": result.last_checkpoint}
 

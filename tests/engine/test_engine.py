@@ -13,19 +13,30 @@ import pytest
 import torch
 from torch import nn
 
-from instseg_pipeline import engine
-from instseg_pipeline.engine import (
+from instseg_pipeline.config_schema import ConfigError
+from instseg_pipeline.engine import checkpoint
+from instseg_pipeline.engine.checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
-    NonFiniteLossError,
-    train,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
 )
+from instseg_pipeline.engine.config import MASK_RCNN_LOSSES, TrainingConfig
+from instseg_pipeline.engine.loop import NonFiniteLossError, train
+from instseg_pipeline.engine.losses import validation_loss
 
 TESTS_DIR = Path(__file__).resolve().parent
 TINY_CONFIG = {"architecture": "tiny_regressor", "num_classes": 1}
 BASE = {"device": "cpu", "progress_bar": False, "warmup_iters": 0, "log_every": 0,
         "checkpoint_every": 0, "scheduler": {"name": "constant"},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4}}
+
+
+def config(checkpoint_dir, resume="none", **overrides) -> TrainingConfig:
+    """BASE + ``overrides`` as the training node builds them (schema defaults elsewhere)."""
+    return TrainingConfig.from_params({**BASE, **overrides, "checkpoint_dir": str(checkpoint_dir),
+                                       "resume": str(resume)})
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -86,10 +97,11 @@ def tiny_model(scale: float = 1.0) -> TinyRegressor:
     return TinyRegressor(scale)
 
 
-def run(tmp_path, config, items=None, model=None, **kwargs):
+def run(tmp_path, overrides, items=None, model=None, resume="none", **kwargs):
     items = make_items() if items is None else items
-    return train(model or tiny_model(), loader_factory(items), {**BASE, **config},
-                 checkpoint_dir=tmp_path / "ckpt", model_config=TINY_CONFIG, **kwargs)
+    return train(model or tiny_model(), loader_factory(items),
+                 config(tmp_path / "ckpt", resume, **overrides), model_config=TINY_CONFIG,
+                 **kwargs)
 
 
 # ------------------------------------------------------------------------------ schedules
@@ -115,11 +127,11 @@ def test_cosine_schedule_follows_half_cosine(tmp_path):
     assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
 
 
-def test_unknown_config_key_is_rejected():
-    with pytest.raises(ValueError, match="max_iter"):
-        engine.resolve_config({"max_iter": 3})
-    with pytest.raises(ValueError, match="scheduler.name"):
-        engine.resolve_config({"scheduler": {"name": "poly"}})
+def test_unknown_config_key_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"^training\.max_iter: unknown key; known: amp, "):
+        config(tmp_path, max_iter=3)
+    with pytest.raises(ConfigError, match=r"^training\.scheduler\.name: expected one of"):
+        config(tmp_path, scheduler={"name": "poly"})
 
 
 # ------------------------------------------------------------- clipping and loss weights
@@ -180,7 +192,7 @@ def test_nonfinite_loss_skip_counts_and_continues(tmp_path):
 
 def test_keeps_last_k_checkpoints_with_expected_content(tmp_path):
     result = run(tmp_path, {"max_iters": 10, "checkpoint_every": 2, "keep_checkpoints": 3})
-    names = [p.name for p in engine.list_checkpoints(tmp_path / "ckpt")]
+    names = [p.name for p in list_checkpoints(tmp_path / "ckpt")]
     assert names == ["ckpt_00000006.pt", "ckpt_00000008.pt", "ckpt_00000010.pt"]
     assert result.last_checkpoint == tmp_path / "ckpt" / "ckpt_00000010.pt"
     state = torch.load(result.last_checkpoint, weights_only=True)
@@ -190,17 +202,17 @@ def test_keeps_last_k_checkpoints_with_expected_content(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    good = engine.save_checkpoint({"a": torch.ones(3)}, tmp_path / "ckpt_00000001.pt")
+    good = save_checkpoint({"a": torch.ones(3)}, tmp_path / "ckpt_00000001.pt")
 
     def torch_save_dies_halfway(obj, handle):
         handle.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
-    monkeypatch.setattr(engine.torch, "save", torch_save_dies_halfway)
+    monkeypatch.setattr(checkpoint.torch, "save", torch_save_dies_halfway)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint({"a": torch.zeros(3)}, tmp_path / "ckpt_00000002.pt")
+        save_checkpoint({"a": torch.zeros(3)}, tmp_path / "ckpt_00000002.pt")
     with pytest.raises(OSError, match="disk full"):  # overwriting keeps the old file intact
-        engine.save_checkpoint({"a": torch.zeros(3)}, good)
+        save_checkpoint({"a": torch.zeros(3)}, good)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001.pt"]
     assert torch.equal(torch.load(good, weights_only=True)["a"], torch.ones(3))
 
@@ -209,7 +221,7 @@ def test_stale_temp_file_is_ignored_and_removed(tmp_path):
     run(tmp_path, {"max_iters": 4, "checkpoint_every": 2})
     stale = tmp_path / "ckpt" / ".ckpt_00000009.pt.12345.tmp"
     stale.write_bytes(b"PK\x03\x04 truncated by a kill")
-    assert engine.latest_checkpoint(tmp_path / "ckpt").name == "ckpt_00000004.pt"
+    assert latest_checkpoint(tmp_path / "ckpt").name == "ckpt_00000004.pt"
     result = run(tmp_path, {"max_iters": 6, "checkpoint_every": 2}, resume="auto")
     assert not stale.exists() and result.iterations == 6
     assert len(result.history) == 6 and result.history["iteration"].tolist() == list(range(6))
@@ -235,12 +247,12 @@ def test_corrupt_checkpoint_raises_naming_the_file(tmp_path, damage):
 def test_checkpoint_of_another_model_config_is_refused(tmp_path):
     path = run(tmp_path, {"max_iters": 2}).last_checkpoint
     with pytest.raises(CheckpointMismatchError, match=r"num_classes: checkpoint has 1"):
-        train(tiny_model(), loader_factory(make_items()), {**BASE, "max_iters": 4},
-              checkpoint_dir=tmp_path / "other", resume=path,
+        train(tiny_model(), loader_factory(make_items()),
+              config(tmp_path / "other", path, max_iters=4),
               model_config={**TINY_CONFIG, "num_classes": 5})
     with pytest.raises(CheckpointMismatchError, match="architecture"):
-        train(tiny_model(), loader_factory(make_items()), {**BASE, "max_iters": 4},
-              checkpoint_dir=tmp_path / "other", resume=path,
+        train(tiny_model(), loader_factory(make_items()),
+              config(tmp_path / "other", path, max_iters=4),
               model_config={**TINY_CONFIG, "architecture": "other"})
 
 
@@ -253,8 +265,8 @@ RESUME_CFG = {"max_iters": 12, "checkpoint_every": 3, "keep_checkpoints": 3,
 
 def run_in(checkpoint_dir, resume, callbacks, max_iters=12):
     return train(tiny_model(), loader_factory(make_items()),
-                 {**BASE, **RESUME_CFG, "max_iters": max_iters}, checkpoint_dir=checkpoint_dir,
-                 resume=resume, model_config=TINY_CONFIG, callbacks=callbacks)
+                 config(checkpoint_dir, resume, **{**RESUME_CFG, "max_iters": max_iters}),
+                 model_config=TINY_CONFIG, callbacks=callbacks)
 
 
 def assert_same_training(resumed, reference):
@@ -285,7 +297,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     # saved after 3, 5 (epoch end: 5 batches per epoch) and 6; killed after step 8
     assert [p.name for p in ckpt.iterdir()] and not list(ckpt.glob(".*"))
-    assert engine.latest_checkpoint(ckpt).name == "ckpt_00000006.pt"
+    assert latest_checkpoint(ckpt).name == "ckpt_00000006.pt"
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -369,15 +381,15 @@ def test_tiny_maskrcnn_trains_on_cpu_with_validation_and_multiscale(tmp_path):
     items = detection_items()
     sizes = []
     result = train(
-        tiny_maskrcnn(), loader_factory(items), {**BASE, "max_iters": 4, "warmup_iters": 2,
-                                                 "optimizer": {"lr": 0.01}, "progress_bar": True},
-        checkpoint_dir=tmp_path, model_config={"architecture": "tiny_maskrcnn", "num_classes": 3},
+        tiny_maskrcnn(), loader_factory(items),
+        config(tmp_path, max_iters=4, warmup_iters=2, optimizer={"lr": 0.01}, progress_bar=True),
+        model_config={"architecture": "tiny_maskrcnn", "num_classes": 3},
         multiscale=TwoSizes(), val_loader=Batches(items[:2], 2, 0),
         callbacks=[lambda e, i: sizes.append(i["model"].transform.min_size) if e == "step_end"
                    else None])
     history = result.history
-    assert set(engine.MASK_RCNN_LOSSES) <= set(history.columns) and len(history) == 4
-    assert history[["loss", *engine.MASK_RCNN_LOSSES]].notna().all().all()
+    assert set(MASK_RCNN_LOSSES) <= set(history.columns) and len(history) == 4
+    assert history[["loss", *MASK_RCNN_LOSSES]].notna().all().all()
     assert all(math.isfinite(v) for v in history["loss"])
     assert sizes == [(64,), (48,), (64,), (48,)]
     assert result.val_history["epoch"].tolist() == [1, 2]  # 2 batches per epoch
@@ -388,10 +400,10 @@ def test_validation_loss_leaves_batchnorm_statistics_alone():
     model = tiny_maskrcnn()
     bn = model.backbone[1]
     before = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
-    values = engine.validation_loss(model, Batches(detection_items(2), 2, 0), torch.device("cpu"),
-                                    {"loss_mask": 0.0})
+    values = validation_loss(model, Batches(detection_items(2), 2, 0), torch.device("cpu"),
+                             {"loss_mask": 0.0})
     assert torch.equal(bn.running_mean, before[0])
     assert torch.equal(bn.num_batches_tracked, before[1])
     assert "loss_mask" in values  # reported unweighted, left out of the weighted total
-    parts = sum(values[k] for k in engine.MASK_RCNN_LOSSES if k != "loss_mask")
+    parts = sum(values[k] for k in MASK_RCNN_LOSSES if k != "loss_mask")
     assert values["loss"] == pytest.approx(parts, rel=1e-5)

@@ -1,6 +1,8 @@
 """Model selection keeps the weights of the best evaluation, not the last."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import torch
@@ -38,8 +40,9 @@ def test_selector_keeps_the_best_weights(tmp_path, monkeypatch):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)  # the weights change every epoch
         model.train()
-        selector("epoch_end", {"epoch": epoch, "iteration": 10 * (epoch + 1), "rank": 0,
-                               "model": model})
+        # what the loop passes at an epoch end: epochs done, steps done, the unwrapped model
+        selector.on_epoch_end(SimpleNamespace(epoch=epoch + 1, iteration=10 * (epoch + 1),
+                                              raw_model=model))
         snapshots.append(next(model.parameters()).detach().clone())
     assert [h["iteration"] for h in selector.history] == [20, 40, 60]  # every 2nd epoch
     assert selector.best["iteration"] == 40 and selector.best["value"] == 0.5
@@ -51,7 +54,8 @@ def test_selector_keeps_the_best_weights(tmp_path, monkeypatch):
 def test_other_ranks_do_not_evaluate(tmp_path, monkeypatch):
     images, instances, categories = _tables(tmp_path)
     monkeypatch.setattr(selection, "coco_stats", lambda *a, **k: {"mAP": 1.0})
+    monkeypatch.setattr(selection.distributed, "rank", lambda: 1)
     selector = selection.BestModelSelector(images, instances, categories, str(tmp_path), 1)
-    selector("epoch_end", {"epoch": 0, "iteration": 5, "rank": 1, "model": None})
+    selector.on_epoch_end(SimpleNamespace(epoch=1, iteration=5, raw_model=None))
     assert selector.history == [] and selector.best is None
     assert isinstance(pd.DataFrame(selector.history), pd.DataFrame)

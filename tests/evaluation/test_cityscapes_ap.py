@@ -263,6 +263,7 @@ def test_evaluation_on_a_cityscapes_source_equals_the_official_script(tmp_path, 
     `evaluation.cityscapes_metrics`: the same numbers as the official script reading the
     same predictions as files; the gtFine void and groups make the difference to the
     tables-only ground truth."""
+    from instseg_pipeline.data.config import SourceConfig
     from instseg_pipeline.data.quality import QualityReport
     from instseg_pipeline.data.sources import cityscapes as source
     from instseg_pipeline.evaluation import metrics as evaluation
@@ -274,7 +275,8 @@ def test_evaluation_on_a_cityscapes_source_equals_the_official_script(tmp_path, 
         image = root / "leftImg8bit" / "val" / gt_file.parent.name / f"{name}_leftImg8bit.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)).save(image)
-    tables = source.read({"root": str(root), "splits": ["val"]}, QualityReport("cityscapes"))
+    tables = source.read(SourceConfig.from_params({"root": str(root), "splits": ["val"]}),
+                         QualityReport("cityscapes"))
     rows = []
     for image in tables.images.itertuples():
         name = Path(image.file_name).name[: -len("_leftImg8bit.png")]
@@ -284,11 +286,10 @@ def test_evaluation_on_a_cityscapes_source_equals_the_official_script(tmp_path, 
                          "rle": _rle(mask)["counts"].decode()})
     predictions = pd.DataFrame(rows)
     ours = evaluation.cityscapes_metrics(tables.images, tables.instances, tables.categories,
-                                         predictions, "val", {"type": "cityscapes",
-                                                              "root": str(root)})
+                                         predictions, "val", gtfine_root=str(root))
     theirs = official(gt_root, results, tmp_path, monkeypatch)
     assert ours["ground_truth"] == "gtFine" and ours["images"] == 4
     assert _same(ours["AP"], theirs["allAp"]) and _same(ours["AP50"], theirs["allAp50%"])
     plain = evaluation.cityscapes_metrics(tables.images, tables.instances, tables.categories,
-                                          predictions, "val", {"type": "coco"})
+                                          predictions, "val")
     assert plain["ground_truth"] == "tables" and plain["AP"] != ours["AP"]

@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+from instseg_pipeline.config_schema import build
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_to_string
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
+from instseg_pipeline.engine.config import AugmentationConfig
 from instseg_pipeline.torchdata.augment import build_augmentation
 from instseg_pipeline.torchdata.dataset import (
     GroupedBatchSampler,
@@ -20,6 +22,11 @@ from instseg_pipeline.torchdata.dataset import (
 )
 
 W, H = 80, 64
+
+
+def typed(params: dict) -> AugmentationConfig:
+    """The ``training.augmentation`` block as the training node builds it."""
+    return build(AugmentationConfig, params, "training.augmentation")
 
 
 def _rect(y0, y1, x0, x1, height=H, width=W) -> np.ndarray:
@@ -98,7 +105,7 @@ def test_image_without_instances_is_a_negative(tables):
 
 def test_negative_image_survives_augmentation(tables):
     images, instances, categories, root = tables
-    aug = build_augmentation({"preset": "strong", "size": [48, 56]})
+    aug = build_augmentation(typed({"preset": "strong", "size": [48, 56]}))
     dataset = InstanceDataset(images, instances, categories, root, split="train",
                               augmentation=aug)
     for epoch in range(3):
@@ -131,8 +138,8 @@ def test_vanished_and_empty_instances_are_dropped(tables):
     images, instances, categories, root = tables
     empty = _instance(14, 1, 7, np.zeros((H, W), np.uint8))
     instances = make_instances([*instances.to_dict("records"), empty])
-    crop = build_augmentation({"transforms": [
-        {"name": "Crop", "x_min": 0, "y_min": 0, "x_max": 48, "y_max": 32}]})
+    crop = build_augmentation(typed({"transforms": [
+        {"name": "Crop", "x_min": 0, "y_min": 0, "x_max": 48, "y_max": 32}]}))
     _, target = InstanceDataset(images, instances, categories, root, split="train",
                                 augmentation=crop)[0]
     # instance 11 (x 50..75, y 30..60) lies outside the crop; instance 14 has no pixel
@@ -158,7 +165,7 @@ def test_augmentation_is_a_function_of_seed_epoch_index(tables):
 
     def make(seed):
         return InstanceDataset(images, instances, categories, root, split="train",
-                               augmentation=build_augmentation(aug), seed=seed)
+                               augmentation=build_augmentation(typed(aug)), seed=seed)
 
     first, second, other_seed = make(5), make(5), make(6)
     second[1]  # a different history of calls must not matter
@@ -194,7 +201,7 @@ def _loader_batches(dataset, epoch, num_workers=0, group_ids=None, seed=3):
 
 def test_train_loader_order_depends_only_on_seed_and_epoch(tmp_path):
     images, instances, categories = _many_images(tmp_path)
-    aug = build_augmentation({"preset": "light"})
+    aug = build_augmentation(typed({"preset": "light"}))
     dataset = InstanceDataset(images, instances, categories, tmp_path, augmentation=aug)
     epoch2 = _loader_batches(dataset, 2)
     _loader_batches(dataset, 5)
@@ -229,7 +236,7 @@ def _distributed_ids(dataset, epoch) -> list[list[int]]:
 
 def test_workers_give_the_same_samples(tmp_path):
     images, instances, categories = _many_images(tmp_path, count=6)
-    aug = build_augmentation({"preset": "light"})
+    aug = build_augmentation(typed({"preset": "light"}))
     dataset = InstanceDataset(images, instances, categories, tmp_path, augmentation=aug)
     alone, workers = _loader_batches(dataset, 1), _loader_batches(dataset, 1, num_workers=2)
     assert [ids for _, ids in alone] == [ids for _, ids in workers]

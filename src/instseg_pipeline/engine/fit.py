@@ -13,10 +13,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from instseg_pipeline import engine
+from instseg_pipeline.config_schema import ConfigError
 from instseg_pipeline.engine import distributed
+from instseg_pipeline.engine.config import TrainingConfig
+from instseg_pipeline.engine.loop import TrainResult, train
 from instseg_pipeline.engine.selection import BestModelSelector
-from instseg_pipeline.models import build_model, model_config
+from instseg_pipeline.models import build_model, family_of, model_config
 from instseg_pipeline.torchdata.augment import build_augmentation
 from instseg_pipeline.torchdata.dataset import (
     InstanceDataset,
@@ -28,101 +30,103 @@ from instseg_pipeline.torchdata.dataset import (
 
 logger = logging.getLogger(__name__)
 
-_RDZV_KEYS = ("nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "run_id",
-              "max_restarts")
-
-
-def engine_config(params: dict) -> dict:
-    """The engine's part of the ``training`` parameters (the rest configures data/model)."""
-    return {key: params[key] for key in engine.DEFAULT_CONFIG if key in params}
-
 
 def build_datasets(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                   root: str | Path, params: dict) -> tuple[InstanceDataset, InstanceDataset]:
+                   root: str | Path, config: TrainingConfig
+                   ) -> tuple[InstanceDataset, InstanceDataset]:
     """Train split (augmented) and val split (plain) datasets."""
-    seed = int(params.get("seed", 0))
-    train = InstanceDataset(images, instances, categories, root, split="train",
-                            augmentation=build_augmentation(params.get("augmentation")),
-                            seed=seed)
-    val = InstanceDataset(images, instances, categories, root, split="val", seed=seed)
-    if len(train) == 0:
+    train_set = InstanceDataset(images, instances, categories, root, split="train",
+                                augmentation=build_augmentation(config.augmentation),
+                                seed=config.seed)
+    val_set = InstanceDataset(images, instances, categories, root, split="val",
+                              seed=config.seed)
+    if len(train_set) == 0:
         raise ValueError("the train split has no images: check the ingestion split "
                          "(ingestion.val_fraction) or the source's split folders")
-    return train, val
+    return train_set, val_set
 
 
-def _val_loader(val: InstanceDataset, params: dict) -> DataLoader | None:
-    limit = params.get("val_max_images")
-    subset = val if not limit or len(val) <= limit else Subset(val, range(int(limit)))
+def _val_loader(val: InstanceDataset, config: TrainingConfig) -> DataLoader | None:
+    limit = config.val_max_images
+    subset = val if not limit or len(val) <= limit else Subset(val, range(limit))
     if len(subset) == 0:
         return None
-    return DataLoader(subset, batch_size=int(params.get("batch_size", 2)), collate_fn=collate)
+    return DataLoader(subset, batch_size=config.batch_size, collate_fn=collate)
 
 
 def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-              root: str, params: dict) -> dict:
-    torch.set_num_threads(int(params.get("threads") or torch.get_num_threads()))
-    train, val = build_datasets(images, instances, categories, root, params)
+              root: str, config: TrainingConfig) -> dict:
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    train_set, val_set = build_datasets(images, instances, categories, root, config)
     num_classes = len(categories) + 1
-    model = build_model(params.get("model"), num_classes)
-    config = model_config(params.get("model"), num_classes)
-    groups = aspect_ratio_group_ids(train.images) if params.get("group_aspect_ratio", True) \
-        else None
+    model = build_model(config.model, num_classes)
+    check_loss_weights(config, model)
+    identity = model_config(config.model, num_classes)
+    groups = aspect_ratio_group_ids(train_set.images) if config.group_aspect_ratio else None
 
     def make_loader(epoch: int) -> DataLoader:
-        return build_train_loader(train, int(params.get("batch_size", 2)),
-                                  int(params.get("num_workers", 0)), int(params.get("seed", 0)),
-                                  epoch, distributed.is_distributed(), groups)
+        return build_train_loader(train_set, config.batch_size, config.num_workers,
+                                  config.seed, epoch, distributed.is_distributed(), groups)
 
-    sizes = params.get("multiscale") or []
-    selector = _selector(val, instances, categories, root, params)
-    result = engine.train(model, make_loader, engine_config(params),
-                          checkpoint_dir=params["checkpoint_dir"],
-                          resume=params.get("resume", "none"), model_config=config,
-                          multiscale=MultiScale(sizes, int(params.get("seed", 0)))
-                          if sizes else None,
-                          val_loader=_val_loader(val, params),
-                          callbacks=(selector,) if selector else ())
+    selector = _selector(val_set, instances, categories, root, config)
+    result = train(model, make_loader, config, model_config=identity,
+                   multiscale=MultiScale(config.multiscale, config.seed)
+                   if config.multiscale else None,
+                   val_loader=_val_loader(val_set, config),
+                   callbacks=(selector,) if selector else ())
     state, selection = _chosen_weights(model, result, selector)
-    return {"model": {"config": config, "state_dict": state,
-                      "classes": {int(k): v for k, v in train.label_names.items()},
-                      "category_ids": {label: int(cat) for cat, label in train.mapping.items()},
+    return {"model": {"config": identity, "state_dict": state,
+                      "classes": {int(k): v for k, v in train_set.label_names.items()},
+                      "category_ids": {label: int(cat)
+                                       for cat, label in train_set.mapping.items()},
                       "iterations": int(result.iterations), "selection": selection},
             "history": result.history, "val_history": result.val_history,
             "skipped_steps": int(result.skipped_steps)}
 
 
+def check_loss_weights(config: TrainingConfig, model: torch.nn.Module) -> None:
+    """Refuse a ``loss_weights`` key the model's family does not return: a misspelt loss
+    would otherwise silently keep its weight of 1.0."""
+    entry = family_of(model)
+    unknown = [name for name in config.loss_weights if name not in entry.loss_names]
+    if unknown:
+        raise ConfigError(f"training.loss_weights.{unknown[0]}",
+                          f"not a loss of {entry.name}; its losses: "
+                          f"{', '.join(entry.loss_names)}")
+
+
 def _selector(val: InstanceDataset, instances: pd.DataFrame, categories: pd.DataFrame,
-              root: str, params: dict) -> BestModelSelector | None:
-    options = params.get("selection") or {}
-    if not options.get("every_epochs") or len(val) == 0 or not distributed.is_main_process():
+              root: str, config: TrainingConfig) -> BestModelSelector | None:
+    options = config.selection
+    if not options.every_epochs or len(val) == 0 or not distributed.is_main_process():
         return None
-    subset = val.images.head(int(options.get("max_images") or len(val.images)))
-    return BestModelSelector(subset, instances, categories, root, options["every_epochs"],
-                             iou_type=options.get("iou_type", "segm"),
-                             batch_size=int(params.get("batch_size", 2)))
+    subset = val.images.head(options.max_images or len(val.images))
+    return BestModelSelector(subset, instances, categories, root, options.every_epochs,
+                             iou_type=options.iou_type, batch_size=config.batch_size)
 
 
-def _chosen_weights(model, result, selector) -> tuple[dict, dict]:
+def _chosen_weights(model: torch.nn.Module, result: TrainResult,
+                    selector: BestModelSelector | None) -> tuple[dict, dict]:
     """The best evaluated weights (the final ones are evaluated too), or the last ones."""
     if selector is None:
         return result.state_dict, {"metric": None, "iteration": int(result.iterations)}
     if not selector.history or selector.history[-1]["iteration"] != result.iterations:
-        selector.consider(engine.unwrap(model), int(result.iterations), None)
+        selector.consider(distributed.unwrap(model), int(result.iterations), None)
     logger.info("model selection: best %s %.4f at iteration %d", selector.best["metric"],
                 selector.best["value"], selector.best["iteration"])
     return selector.best_state, {**selector.best, "history": selector.history}
 
 
 def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-        root: str | Path, params: dict) -> dict:
+        root: str | Path, config: TrainingConfig) -> dict:
     """Train a model; returns ``{"model": {config, state_dict, classes, iterations},
     "history": DataFrame, "val_history": DataFrame, "skipped_steps": int}``."""
-    dist_params = params.get("distributed") or {}
-    nproc = int(dist_params.get("nproc_per_node", 1))
-    args = (images, instances, categories, str(root), params)
-    if nproc <= 1:
+    launch = config.distributed
+    args = (images, instances, categories, str(root), config)
+    if launch.nproc_per_node <= 1:
         return _fit_here(*args)
-    logger.info("training in %d worker processes per node", nproc)
-    return distributed.launch(_fit_here, nproc, *args,
-                              **{k: dist_params[k] for k in _RDZV_KEYS if k in dist_params})
+    logger.info("training in %d worker processes per node", launch.nproc_per_node)
+    return distributed.launch(_fit_here, launch.nproc_per_node, *args, nnodes=launch.nnodes,
+                              node_rank=launch.node_rank, rdzv_endpoint=launch.rdzv_endpoint,
+                              rdzv_backend=launch.rdzv_backend, run_id=launch.run_id,
+                              max_restarts=launch.max_restarts)

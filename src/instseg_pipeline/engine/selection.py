@@ -3,19 +3,25 @@ weights (not the last) become the trained model."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 
 from instseg_pipeline.data.tables import label_mapping, tables_to_coco
+from instseg_pipeline.engine import distributed
+from instseg_pipeline.engine.callbacks import Callback
 from instseg_pipeline.evaluation.coco import coco_stats
 from instseg_pipeline.predict.batch import predict_images
+
+if TYPE_CHECKING:
+    from instseg_pipeline.engine.loop import TrainState
 
 logger = logging.getLogger(__name__)
 
 
-class BestModelSelector:
-    """An engine callback (`__call__(event, info)`) that evaluates at epoch ends.
+class BestModelSelector(Callback):
+    """A training callback that evaluates after every ``every_epochs``-th epoch.
 
     ``images``: the val images evaluated (a subset keeps it cheap); the ground truth is built
     once from the tables. Only rank 0 evaluates. ``best_state`` holds a CPU copy of the best
@@ -34,11 +40,11 @@ class BestModelSelector:
         self.best_state: dict | None = None
         self.best: dict | None = None
 
-    def __call__(self, event: str, info: dict) -> None:
-        if event != "epoch_end" or info["rank"] != 0 or not self.every:
+    def on_epoch_end(self, state: TrainState) -> None:
+        if distributed.rank() != 0 or not self.every:
             return
-        if (info["epoch"] + 1) % self.every == 0:
-            self.consider(info["model"], info["iteration"], info["epoch"])
+        if state.epoch % self.every == 0:  # state.epoch counts the epochs done
+            self.consider(state.raw_model, state.iteration, state.epoch - 1)
 
     def consider(self, model: torch.nn.Module, iteration: int, epoch: int | None) -> float:
         """Evaluate ``model`` now; keep its weights if they are the best so far."""

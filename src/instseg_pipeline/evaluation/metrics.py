@@ -38,16 +38,15 @@ def coco_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.D
 
 def cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                        categories: pd.DataFrame, predictions: pd.DataFrame, split: str,
-                       source: dict | None = None, min_region_size: int = 100) -> dict:
+                       gtfine_root: str | None = None, min_region_size: int = 100) -> dict:
     """Cityscapes instance-level AP / AP50 (`metrics.cityscapes`) of the split.
 
-    For a ``cityscapes`` source the ground truth is the gtFine instanceIds PNG of each image
-    (official void and group regions); for any other source it is the ``instances`` table,
-    crowd regions counting as groups.
+    With ``gtfine_root`` (the root of a ``cityscapes`` source) the ground truth is the gtFine
+    instanceIds PNG of each image (official void and group regions); without it, the
+    ``instances`` table, crowd regions counting as groups.
     """
-    source = source or {}
     ids = images.loc[images["split"] == split, "image_id"].tolist()
-    gt_map = _gtfine_reader(source["root"]) if source.get("type") == "cityscapes" else None
+    gt_map = _gtfine_reader(gtfine_root) if gtfine_root is not None else None
     result = cityscapes_ap_from_tables(images, instances, categories, predictions, ids,
                                        gt_map=gt_map, min_region_size=min_region_size)
     logger.info("Cityscapes AP %s AP50 %s on %d %s images (ground truth: %s)",

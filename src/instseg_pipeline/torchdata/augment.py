@@ -1,6 +1,7 @@
 """Training augmentation: an albumentations 2.x ``Compose`` built from parameters.
 
-``params`` (the ``augmentation`` block of the training parameters)::
+``config`` (the ``augmentation`` block of the training parameters, typed as
+`engine.config.AugmentationConfig`)::
 
     preset: none | light | strong
     size: [height, width]          # output size of the crop in ``strong``
@@ -22,12 +23,16 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 # the import below otherwise asks the network for a newer release
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A
+
+if TYPE_CHECKING:
+    from instseg_pipeline.engine.config import AugmentationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +49,20 @@ def _light() -> list:
             A.Affine(scale=(0.75, 1.25), keep_ratio=True, p=0.5)]
 
 
-def _crop_size(params: dict) -> tuple[int, int]:
-    size = params.get("size")
-    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+def _crop_size(config: AugmentationConfig) -> tuple[int, int]:
+    if config.size is None:
         raise AugmentationConfigError(
-            f"augmentation preset 'strong' needs size: [height, width], got {size!r}")
-    return int(size[0]), int(size[1])
+            "augmentation preset 'strong' needs size: [height, width], got None")
+    return config.size
 
 
-def _strong(params: dict) -> list:
+def _strong(config: AugmentationConfig) -> list:
     # std_range is a fraction of 255; 1.x's default var_limit=(10, 50) was a variance in 0..255
     noise = A.OneOf([A.GaussNoise(std_range=(0.012, 0.028)), A.ISONoise(),
                      A.MultiplicativeNoise(multiplier=(0.9, 1.1))], p=0.2)
     distortion = A.OneOf([A.ElasticTransform(alpha=120, sigma=6), A.GridDistortion(),
                           A.OpticalDistortion(distort_limit=0.1)], p=0.3)
-    return [A.RandomResizedCrop(size=_crop_size(params), scale=(0.5, 1.0)),
+    return [A.RandomResizedCrop(size=_crop_size(config), scale=(0.5, 1.0)),
             A.HorizontalFlip(p=0.5),
             A.Affine(translate_percent=0.1, scale=(0.8, 1.2), rotate=(-30, 30), p=0.5),
             noise, distortion]
@@ -84,22 +88,24 @@ def _build_transform(spec: dict):
     return transform
 
 
-def _transforms(params: dict) -> list:
-    if params.get("transforms"):
-        return [_build_transform(spec) for spec in params["transforms"]]
-    preset = params.get("preset", "none")
-    if preset not in PRESETS:
-        raise AugmentationConfigError(f"unknown augmentation preset {preset!r}; use {PRESETS}")
-    return {"none": list, "light": _light, "strong": lambda: _strong(params)}[preset]()
+def _transforms(config: AugmentationConfig) -> list:
+    if config.transforms:
+        return [_build_transform(spec) for spec in config.transforms]
+    if config.preset not in PRESETS:
+        raise AugmentationConfigError(
+            f"unknown augmentation preset {config.preset!r}; use {PRESETS}")
+    return {"none": list, "light": _light, "strong": lambda: _strong(config)}[config.preset]()
 
 
-def build_augmentation(params: dict | None) -> A.Compose | None:
-    """The training Compose for ``params``, or None when there is nothing to apply."""
-    transforms = _transforms(params or {})
+def build_augmentation(config: AugmentationConfig | None) -> A.Compose | None:
+    """The training Compose for ``config``, or None when there is nothing to apply."""
+    if config is None:
+        return None
+    transforms = _transforms(config)
     if not transforms:
         return None
     bbox_params = A.BboxParams(format="pascal_voc", label_fields=LABEL_FIELDS,
-                               min_visibility=float((params or {}).get("min_visibility", 0.0)))
+                               min_visibility=config.min_visibility)
     return A.Compose(transforms, bbox_params=bbox_params)
 
 

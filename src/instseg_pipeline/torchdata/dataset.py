@@ -27,6 +27,7 @@ from torch.utils.data import (
 from instseg_pipeline.data import images as image_io
 from instseg_pipeline.data.masks import decode_strings
 from instseg_pipeline.data.tables import label_mapping, select_split
+from instseg_pipeline.predict.preprocess import to_tensor
 from instseg_pipeline.torchdata.augment import seed_augmentation
 
 logger = logging.getLogger(__name__)
@@ -146,16 +147,14 @@ class InstanceDataset(Dataset):
 
 
 def _to_tensors(image, masks, labels, boxes, area, image_id) -> tuple[torch.Tensor, dict]:
-    # a fresh float copy: decoded images can be read-only views of Pillow's buffer
-    pixels = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    pixels /= 255.0
     target = {"boxes": torch.from_numpy(boxes).reshape(-1, 4),
               "labels": torch.from_numpy(labels.astype(np.int64)),
               "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
               "image_id": int(image_id),
               "area": torch.from_numpy(area),
               "iscrowd": torch.zeros(len(labels), dtype=torch.int64)}
-    return torch.from_numpy(pixels), target
+    # the preprocessing of every inference entry point, so training sees the same input
+    return to_tensor(image), target
 
 
 def collate(batch: Sequence[tuple]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -1,6 +1,7 @@
 """Data sources: each is a small reader that returns the canonical tables.
 
-A reader has the signature ``read(params: dict, report: QualityReport) -> SourceTables``.
+A reader has the signature ``read(params: SourceConfig, report: QualityReport) ->
+SourceTables``, ``params`` being the typed ``source`` block (`data.config.SourceConfig`).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The image check every reader applies, so all sources follow one policy.
 
-Parameters read from the source block: ``verify_images`` (``decode``: every image must
-decode fully, which catches truncated files; ``header``: size and format only, faster),
-``max_image_pixels`` and ``workers`` (processes for checking many images, 0 = none; default:
-`default_workers`).
+Parameters read from the source block (`data.config.SourceConfig`): ``verify_images``
+(``decode``: every image must decode fully, which catches truncated files; ``header``: size
+and format only, faster), ``max_image_pixels`` and ``workers`` (processes for checking many
+images, 0 = none; null: `default_workers`).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from instseg_pipeline.data.images import (
-    DEFAULT_MAX_PIXELS,
     ImageProblem,
     load_image,
     needs_exif_override,
@@ -23,13 +23,16 @@ from instseg_pipeline.data.images import (
 )
 from instseg_pipeline.data.quality import QualityReport
 
+if TYPE_CHECKING:
+    from instseg_pipeline.data.config import SourceConfig
+
 VERIFY_MODES = ("decode", "header")
 PARALLEL_MIN_IMAGES = 256  # below this, starting worker processes costs more than it saves
 
 
-def verify_mode(params: dict) -> str:
-    """The ``verify_images`` parameter, checked."""
-    mode = params.get("verify_images", "decode")
+def verify_mode(params: SourceConfig) -> str:
+    """The ``verify_images`` parameter, checked (a config built by hand skips the schema)."""
+    mode = params.verify_images
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify_images must be one of {VERIFY_MODES}, not {mode!r}")
     return mode
@@ -45,10 +48,10 @@ class ImageCheck:
     exif_ignored: bool = False
 
 
-def inspect_image(path: Path, expected: tuple[int, int], params: dict,
+def inspect_image(path: Path, expected: tuple[int, int], params: SourceConfig,
                   expected_from: str = "annotated as") -> ImageCheck:
     """Check the image at ``path`` against ``expected`` = (width, height); report nothing."""
-    max_pixels = int(params.get("max_image_pixels", DEFAULT_MAX_PIXELS))
+    max_pixels = params.max_image_pixels
     try:
         info = probe_image(path, max_pixels)
         exif_ignored = needs_exif_override(info, expected)
@@ -75,7 +78,8 @@ def record_check(check: ImageCheck, report: QualityReport, label: str) -> bool:
     return True
 
 
-def check_image(path: Path, expected: tuple[int, int], params: dict, report: QualityReport,
+def check_image(path: Path, expected: tuple[int, int], params: SourceConfig,
+                report: QualityReport,
                 label: str, expected_from: str = "annotated as") -> bool:
     """True when the image at ``path`` is usable at ``expected`` = (width, height).
 
@@ -85,11 +89,11 @@ def check_image(path: Path, expected: tuple[int, int], params: dict, report: Qua
     return record_check(inspect_image(path, expected, params, expected_from), report, label)
 
 
-def _inspect_job(job: tuple[Path, tuple[int, int], dict]) -> ImageCheck:
+def _inspect_job(job: tuple[Path, tuple[int, int], SourceConfig]) -> ImageCheck:
     return inspect_image(*job)
 
 
-def default_workers(params: dict) -> int:
+def default_workers(params: SourceConfig) -> int:
     """Processes checking images beside the caller's own work.
 
     ``decode``: every CPU (decoding dominates). ``header``: one CPU fewer, left to the main
@@ -99,15 +103,15 @@ def default_workers(params: dict) -> int:
     return cpus if verify_mode(params) == "decode" else cpus - 1
 
 
-def inspect_images(jobs: list[tuple[Path, tuple[int, int]]], params: dict) -> Iterator[ImageCheck]:
+def inspect_images(jobs: list[tuple[Path, tuple[int, int]]],
+                   params: SourceConfig) -> Iterator[ImageCheck]:
     """`ImageCheck` of each (path, (width, height)) job, in order, started at once.
 
     With many images the checks run in ``workers`` processes (0: in this process, lazily;
     default: `default_workers`), so the caller can convert annotations while images are
     being opened and decoded.
     """
-    workers = params.get("workers")
-    workers = default_workers(params) if workers is None else int(workers)
+    workers = default_workers(params) if params.workers is None else params.workers
     if workers < 1 or len(jobs) < PARALLEL_MIN_IMAGES:
         return (inspect_image(path, size, params) for path, size in jobs)
     # fork: workers share the already-imported modules and start in milliseconds.

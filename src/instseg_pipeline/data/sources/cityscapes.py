@@ -1,6 +1,6 @@
 """Cityscapes source: ``leftImg8bit`` images + ``gtFine`` instanceIds PNGs -> canonical tables.
 
-Layout under ``params["root"]``::
+Layout under ``params.root``::
 
     leftImg8bit/{split}/{city}/{name}_leftImg8bit.png
     gtFine/{split}/{city}/{name}_gtFine_instanceIds.png    (labelIds / polygons.json unused)
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from instseg_pipeline.data.sources.mask_folder import (
     read_images,
 )
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
+
+if TYPE_CHECKING:
+    from instseg_pipeline.data.config import SourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +66,8 @@ def categories_rows() -> list[dict]:
             for name, label, sup in CLASSES]
 
 
-def _splits(params: dict) -> list[str]:
-    splits = params.get("splits", ["train", "val"])
-    splits = [splits] if isinstance(splits, str) else list(splits)
+def _splits(params: SourceConfig) -> list[str]:
+    splits = [params.splits] if isinstance(params.splits, str) else list(params.splits)
     for split in splits:
         if split in UNLABELLED_SPLITS:
             logger.info("%s: skipping split '%s' (gtFine has no instance labels for it)",
@@ -122,9 +125,9 @@ def _read_annotation(image: Path, path: Path, report: QualityReport) -> np.ndarr
         return None
 
 
-def _read_one(image: Path, split: str, image_id: int, params: dict,
+def _read_one(image: Path, split: str, image_id: int, params: SourceConfig,
               report: QualityReport) -> tuple[dict | None, list[dict]]:
-    root = Path(params["root"])
+    root = Path(params.root)
     path = annotation_path(root, image, split)
     ids = _read_annotation(image, path, report)
     if ids is None or not check_image(image, (ids.shape[1], ids.shape[0]), path, params,
@@ -135,10 +138,10 @@ def _read_one(image: Path, split: str, image_id: int, params: dict,
     return row, cityscapes_instances(ids, image_id, report)
 
 
-def read(params: dict, report: QualityReport) -> SourceTables:
+def read(params: SourceConfig, report: QualityReport) -> SourceTables:
     """Canonical tables of a Cityscapes tree (see the module docstring for ``params``)."""
     verify_mode(params)
-    root = Path(params["root"])
+    root = Path(params.root)
     found = find_images(root, _splits(params))
     logger.info("%s: %d images under %s", SOURCE, len(found), root / "leftImg8bit")
     images, instances = read_images(

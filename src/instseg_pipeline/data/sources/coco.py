@@ -20,6 +20,7 @@ import math
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from pycocotools import mask as mask_utils
@@ -30,6 +31,9 @@ from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import SourceTables
 from instseg_pipeline.data.sources.checks import inspect_images, record_check
 from instseg_pipeline.data.tables import instances_from_columns, make_categories, make_images
+
+if TYPE_CHECKING:
+    from instseg_pipeline.data.config import SourceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +229,7 @@ def _collector_paused():
             gc.enable()
 
 
-def read(params: dict, report: QualityReport) -> SourceTables:
+def read(params: SourceConfig, report: QualityReport) -> SourceTables:
     """Read ``root/annotations`` with images under ``root/images`` into the tables.
 
     params: root, annotations (json path relative to root), images (folder relative to
@@ -236,15 +240,15 @@ def read(params: dict, report: QualityReport) -> SourceTables:
         return _read(params, report)
 
 
-def _read(params: dict, report: QualityReport) -> SourceTables:
-    root = Path(params["root"])
-    path = root / params["annotations"]
+def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
+    root = Path(params.root)
+    path = root / params.annotations
     data = load_json(path)
     for records, what in ((data["images"], "image"), (data.get("annotations", []), "annotation"),
                           (data.get("categories", []), "category")):
         _require_unique(records, what, path)
     _check_references(data, path)
-    records = _valid_records(data, root, params.get("images", ""), report)
+    records = _valid_records(data, root, params.images, report)
     image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
                                   params)
     # Each image's annotations are converted while the image checks run, and then let go,
@@ -269,7 +273,7 @@ def _read(params: dict, report: QualityReport) -> SourceTables:
                   leave=False)
     kept, columns = _assemble(records, checks, converted, ann_ids, report)
     del converted
-    split = params.get("split") or ""
+    split = params.split
     images = make_images({"image_id": r["id"], "file_name": r["relative"],
                           "width": r["width"], "height": r["height"], "split": split,
                           "source": "coco"} for r in kept)

@@ -1,7 +1,7 @@
 """Mask-folder source: ``images/`` + ``masks/``, one mask PNG per image holding one id per
 instance (0 = background), the Penn-Fudan layout.
 
-Parameters (``params``):
+Parameters (``params``, the typed ``source`` block `data.config.SourceConfig`):
 - ``root``: the folder holding both sub-folders; ``file_name`` is relative to it.
 - ``images`` / ``masks``: sub-folder names (defaults ``images`` / ``masks``; Penn-Fudan:
   ``PNGImages`` / ``PedMasks``).
@@ -33,6 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,12 +44,14 @@ from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import SourceTables, checks
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
 
+if TYPE_CHECKING:
+    from instseg_pipeline.data.config import SourceConfig
+
 logger = logging.getLogger(__name__)
 
 SOURCE = "mask_folder"
 ID_FACTOR = 100_000  # instance_id = image_id * ID_FACTOR + mask value; values must stay below
 SPLIT_DIRS = ("train", "val", "test")
-DEFAULT_GLOBS = ("*.png", "*.jpg", "*.jpeg")
 
 # ---------------------------------------------------------------- shared with cityscapes
 def id_values(ids: np.ndarray) -> list[int]:
@@ -58,7 +61,7 @@ def id_values(ids: np.ndarray) -> list[int]:
     return np.unique(ids).tolist()
 
 
-def check_image(path: Path, size: tuple[int, int], mask_path: Path, params: dict,
+def check_image(path: Path, size: tuple[int, int], mask_path: Path, params: SourceConfig,
                 report: QualityReport) -> bool:
     """True when the image at ``path`` fits its mask of ``size`` = (width, height)."""
     return checks.check_image(path, size, params, report, label=f"image {path.name}",
@@ -110,11 +113,11 @@ def _load_class_file(root: Path, name: str) -> dict:
     return json.loads(text)
 
 
-def load_class_map(params: dict, root: Path) -> dict[int, str | None]:
+def load_class_map(params: SourceConfig, root: Path) -> dict[int, str | None]:
     """``{mask id value: class name or None}`` from ``class_map`` or ``class_map_file``."""
-    raw = params.get("class_map")
-    if raw is None and params.get("class_map_file"):
-        raw = _load_class_file(root, params["class_map_file"])
+    raw = params.class_map
+    if raw is None and params.class_map_file:
+        raw = _load_class_file(root, params.class_map_file)
     try:
         return {int(value): (None if name is None else str(name))
                 for value, name in (raw or {}).items()}
@@ -145,34 +148,35 @@ def _matches(path: Path, patterns) -> bool:
     return path.is_file() and any(fnmatch.fnmatch(name, p.lower()) for p in patterns)
 
 
-def _glob_patterns(params: dict) -> tuple[str, ...]:
-    patterns = params.get("image_glob", DEFAULT_GLOBS)
+def _glob_patterns(params: SourceConfig) -> tuple[str, ...]:
+    patterns = params.image_glob
     return (patterns,) if isinstance(patterns, str) else tuple(patterns)
 
 
-def find_images(image_dir: Path, params: dict) -> list[tuple[Path, str]]:
+def find_images(image_dir: Path, params: SourceConfig) -> list[tuple[Path, str]]:
     """(image path, split) pairs: files in ``image_dir`` and in its split sub-folders."""
     patterns = _glob_patterns(params)
-    folders = [(image_dir, params.get("split", "") or "")]
+    folders = [(image_dir, params.split)]
     folders += [(image_dir / s, s) for s in SPLIT_DIRS if (image_dir / s).is_dir()]
     return [(path, split) for folder, split in folders
             for path in sorted(folder.iterdir()) if _matches(path, patterns)]
 
 
-def _folders(params: dict) -> tuple[Path, Path, Path]:
-    root = Path(params["root"])
-    image_dir = root / params.get("images", "images")
-    mask_dir = root / params.get("masks", "masks")
+def _folders(params: SourceConfig) -> tuple[Path, Path, Path]:
+    root = Path(params.root)
+    image_dir = root / params.images
+    mask_dir = root / params.masks
     for folder in (image_dir, mask_dir):
         if not folder.is_dir():
             raise IngestionError(f"mask_folder: folder {folder} not found")
     return root, image_dir, mask_dir
 
 
-def mask_path_for(image: Path, image_dir: Path, mask_dir: Path, params: dict) -> Path:
+def mask_path_for(image: Path, image_dir: Path, mask_dir: Path,
+                  params: SourceConfig) -> Path:
     """The mask file of ``image``: same sub-folder under ``mask_dir``, stem + suffix + ext."""
     relative = image.parent.relative_to(image_dir)
-    name = image.stem + params.get("mask_suffix", "") + params.get("mask_ext", ".png")
+    name = image.stem + params.mask_suffix + params.mask_ext
     return mask_dir / relative / name
 
 
@@ -228,7 +232,7 @@ def _read_mask(image: Path, mask_path: Path, report: QualityReport) -> np.ndarra
 class _Context:
     """What every image of one read shares."""
 
-    params: dict
+    params: SourceConfig
     root: Path
     image_dir: Path
     mask_dir: Path
@@ -260,14 +264,14 @@ def _read_one(image: Path, split: str, image_id: int, ctx: _Context,
 
 
 # ---------------------------------------------------------------- reader
-def _classes(params: dict, root: Path) -> dict:
+def _classes(params: SourceConfig, root: Path) -> dict:
     class_map = load_class_map(params, root)
-    class_name = params.get("class_name", "object")
+    class_name = params.class_name
     return {"class_map": class_map, "class_name": class_name,
             "category_ids": category_ids(class_map, class_name)}
 
 
-def read(params: dict, report: QualityReport) -> SourceTables:
+def read(params: SourceConfig, report: QualityReport) -> SourceTables:
     """Canonical tables of a mask folder (see the module docstring for ``params``)."""
     checks.verify_mode(params)
     root, image_dir, mask_dir = _folders(params)

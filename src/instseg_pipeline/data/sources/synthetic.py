@@ -35,13 +35,14 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from instseg_pipeline.data.config import SyntheticConfig
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_bbox, rle_to_string
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,7 @@ GENERATOR_VERSION = 1
 CATEGORY_NAMES = ("circle", "rectangle", "triangle", "star")
 RECTANGLE_ID = CATEGORY_NAMES.index("rectangle") + 1
 MIN_VISIBLE_PIXELS = 20
-DEFAULTS = {"seed": 0, "num_images": 120, "min_size": 160, "max_size": 256,
-            "max_objects": 6, "empty_fraction": 0.08, "crowd_fraction": 0.1,
-            "touching_fraction": 0.15}
+DEFAULTS = asdict(SyntheticConfig())  # the schema of source.synthetic holds them
 
 
 @dataclass
