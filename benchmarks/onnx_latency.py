@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instseg_pipeline import export
 from instseg_pipeline.data.images import load_image
+from instseg_pipeline.export import latency, parity
+from instseg_pipeline.export.manifest import library_versions
+from instseg_pipeline.export.onnx import DEFAULT_OPSET, DEFAULT_SESSION, export_onnx
 from instseg_pipeline.models import build_model, load_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/coco128/val2017"
-BASE = dict(export.DEFAULT_SESSION)
+BASE = dict(DEFAULT_SESSION)
 SESSIONS = {  # name -> onnxruntime options over BASE
     "all (default)": {},
     "extended": {"graph_optimization_level": "extended"},
@@ -84,9 +86,9 @@ def _network(args: argparse.Namespace):
 
 
 def _row(network, onnx_path: Path, images, threads: int, args, session: dict) -> dict:
-    ms = export.time_backends(network, onnx_path, images, threads, args.warmup, args.repeats,
+    ms = latency.time_backends(network, onnx_path, images, threads, args.warmup, args.repeats,
                               {**BASE, **session})
-    stats = {name: export.latency_stats(values) for name, values in ms.items()}
+    stats = {name: latency.latency_stats(values) for name, values in ms.items()}
     return {"torch": stats["torch"], "ort": stats["onnxruntime"],
             "ratio": stats["onnxruntime"]["median_ms"] / stats["torch"]["median_ms"],
             "ratio_p90": stats["onnxruntime"]["p90_ms"] / stats["torch"]["p90_ms"]}
@@ -100,8 +102,8 @@ def _print_row(opset: int, threads: int, name: str, row: dict) -> None:
 
 
 def _parity_line(network, onnx_path: Path, images, opset: int) -> str:
-    arrays, ids = export.insert_blank(list(images), list(range(len(images))))
-    report = export.check_parity(network, onnx_path, arrays, image_ids=ids)
+    arrays, ids = parity.insert_blank(list(images), list(range(len(images))))
+    report = parity.check_parity(network, onnx_path, arrays, image_ids=ids)
     return (f"opset {opset}: parity {'pass' if report['passed'] else 'FAIL'}, max box diff "
             f"{report['max_box_diff']:.2e} px, max score diff {report['max_score_diff']:.2e}, "
             f"min mask IoU {report['min_mask_iou']:.4f}")
@@ -113,16 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     images, network = _images(args.images, args.count), _network(args)
     shapes = sorted({im.shape[:2] for im in images})
     print(f"{args.model or args.name}: {len(images)} images {shapes}, {args.repeats} repeats; "
-          f"torch {torch.__version__}, {export.library_versions()['onnxruntime']} onnxruntime")
+          f"torch {torch.__version__}, {library_versions()['onnxruntime']} onnxruntime")
     print(f"{'opset':>5} {'threads':>7}  {'session':<24} {'torch ms':>9} {'p90':>8} "
           f"{'ort ms':>9} {'p90':>8} {'ratio':>7} {'r p90':>7}")
     notes = []
     with tempfile.TemporaryDirectory() as folder:
-        for opset in [export.DEFAULT_OPSET, *args.opsets]:
+        for opset in [DEFAULT_OPSET, *args.opsets]:
             path = Path(folder) / f"model_{opset}.onnx"
-            export.export_onnx(network, path, opset=opset, example=images[0])
+            export_onnx(network, path, opset=opset, example=images[0])
             notes.append(_parity_line(network, path, images, opset))
-            sessions = SESSIONS if opset == export.DEFAULT_OPSET else {"all (default)": {}}
+            sessions = SESSIONS if opset == DEFAULT_OPSET else {"all (default)": {}}
             for threads in args.threads:
                 for name, session in sessions.items():
                     _print_row(opset, threads, name, _row(network, path, images, threads,

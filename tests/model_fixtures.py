@@ -5,7 +5,8 @@
 - generated shapes on black with their training targets (`shapes_scene`) and `train_heads`,
   which trains a tiny Mask R-CNN's ROI heads on them in seconds: enough for confident
   detections on shapes, none on a black image, and decisive masks;
-- PNG encoders for uploads (`png_bytes`, `png_header_only`).
+- PNG encoders for uploads (`png_bytes`, `png_header_only`);
+- `one_thread`, a module-scoped fixture for modules that time or trace tiny models.
 """
 from __future__ import annotations
 
@@ -15,11 +16,23 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from instseg_pipeline.models import build_model, model_config
 from instseg_pipeline.predict.preprocess import to_tensor
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a small shared CPU, more threads can run 10x slower, not faster.
+    Autouse in a module that imports it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CLASSES = {1: "disk", 2: "square"}
 TINY_PARAMS = {"name": "maskrcnn_tiny", "min_size": 224, "max_size": 256,

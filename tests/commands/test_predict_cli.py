@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+from model_fixtures import CLASSES, png_bytes, save_checkpoint, scene
 from PIL import Image
 from pycocotools.coco import COCO
-from test_predictor import CLASSES, png_bytes, save_checkpoint, scene
 
 from instseg_pipeline.commands import predict
 

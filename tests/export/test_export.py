@@ -18,7 +18,11 @@ import torch
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
-from model_fixtures import shapes_scene, train_heads
+from model_fixtures import (
+    one_thread,  # noqa: F401 (autouse)
+    shapes_scene,
+    train_heads,
+)
 from PIL import Image
 
 from instseg_pipeline.export import latency as onnx_latency
@@ -39,15 +43,6 @@ EXAMPLE_SIZE = (144, 176)
 # lands a pixel away from eager's (see models.maskrcnn.eager_exact_resize)
 PARITY_SIZES = [(98, 131), (200, 150), (194, 96)]
 RESIZE_TRAPS = [(98, 131), (194, 96), (97, 103), (103, 103), (96, 173)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared CPU, more threads can run 10x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,9 @@ same instances.
 The model is the tiny Mask R-CNN with its ROI heads trained for a few seconds on generated
 shapes (`model_fixtures.train_heads`); the val images come in two sizes, interleaved, so the
 node's batches of 4 would mix sizes if it did not batch by size.
+
+``INSTSEG_CONSISTENCY_PROJECT=<project dir>`` runs the same checks on that project's latest
+trained and exported model (`kedro run` outputs of the synthetic source) and its val images.
 """
 from __future__ import annotations
 
@@ -21,7 +24,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from model_fixtures import shapes_scene, train_heads
+from model_fixtures import (
+    one_thread,  # noqa: F401 (autouse)
+    shapes_scene,
+    train_heads,
+)
 from PIL import Image
 from process_fixtures import running
 
@@ -39,20 +46,13 @@ VAL_SIZES = [(128, 160), (112, 144), (128, 160), (112, 144), (128, 160)]
 SCORE_THRESHOLD = 0.05  # the evaluation default (parameters_evaluation.yml)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a small shared CPU, more threads can run 10x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
     """A trained-model dict and its files (checkpoint, ONNX + manifest), val images on disk
     (``<image_id>.png``, so instseg-predict uses the same ids) and their tables."""
     root = tmp_path_factory.mktemp("consistency")
+    if os.environ.get("INSTSEG_CONSISTENCY_PROJECT"):
+        return _trained_project(Path(os.environ["INSTSEG_CONSISTENCY_PROJECT"]), root)
     torch.manual_seed(0)
     network = build_model(MODEL_PARAMS, len(CLASSES) + 1)
     train_heads(network, 30, np.random.default_rng(0))
@@ -73,6 +73,45 @@ def project(tmp_path_factory) -> dict:
                                "supercategory": ["shape", "shape"], "isthing": [1, 1]})
     return {"root": root, "model": model, "images": pd.DataFrame(rows),
             "categories": categories}
+
+
+def _latest(folder: Path, name: str) -> Path:
+    """The newest Kedro version of ``folder/<version>/name``."""
+    versions = sorted(folder.glob(f"*/{name}"))
+    if not versions:
+        pytest.fail(f"no {name} under {folder}: run `kedro run` (and the export) there first")
+    return versions[-1]
+
+
+def _trained_project(project_dir: Path, root: Path) -> dict:
+    """The synthetic source's latest model, its ONNX export and val images of a project."""
+    import shutil
+
+    from instseg_pipeline.data.images import load_image
+
+    models = project_dir / "data/06_models/synthetic"
+    checkpoint = _latest(models / "model.pt", "model.pt")
+    onnx = _latest(models / "model.onnx", "model.onnx")
+    shutil.copy(checkpoint, root / "model.pt")
+    shutil.copy(onnx, root / "model.onnx")
+    shutil.copy(onnx.with_name("model.manifest.json"), root / "model.manifest.json")
+    tables = project_dir / "data/03_primary/synthetic"
+    images = pd.read_parquet(tables / "images.parquet")
+    images = images[images["split"] == "val"].reset_index(drop=True)
+    (root / "images").mkdir()
+    for row in images.itertuples():  # decoded pixels, written losslessly under the id
+        pixels, _ = load_image(project_dir / "data/01_raw/synthetic" / row.file_name,
+                               expected_size=(row.width, row.height))
+        Image.fromarray(pixels).save(root / "images" / f"{row.image_id}.png")
+    images["file_name"] = [f"{i}.png" for i in images["image_id"]]
+    return {"root": root, "model": torch.load(root / "model.pt", weights_only=True),
+            "images": images, "categories": pd.read_parquet(tables / "categories.parquet")}
+
+
+def _label_to_category(model: dict) -> dict[int, int]:
+    """Model label -> dataset category id (identity where the model dict has no map)."""
+    saved = model.get("category_ids") or {label: label for label in model["classes"]}
+    return {int(k): int(v) for k, v in saved.items()}
 
 
 def _evaluation_params() -> dict:
@@ -183,7 +222,7 @@ def test_batches_of_one_size_give_each_image_what_it_gets_alone(project):
 
     model = project["model"]
     network = load_model(model["config"], model["state_dict"])
-    args = (project["images"], project["root"] / "images", {1: 1, 2: 2})
+    args = (project["images"], project["root"] / "images", _label_to_category(model))
     alone = predict_images(network, *args, batch_size=1, device="cpu")
     batched = predict_images(network, *args, batch_size=4, device="cpu")
     assert len(alone) > 0

@@ -12,15 +12,15 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from process_fixtures import free_port, running
-from pycocotools import mask as mask_utils
-from test_predictor import (
+from model_fixtures import (
     CLASSES,
     png_bytes,
     png_header_only,
     save_checkpoint,
     scene,
 )
+from process_fixtures import free_port, running
+from pycocotools import mask as mask_utils
 
 from instseg_pipeline.predict.predictor import Predictor, file_sha256
 from instseg_pipeline.serving.api import ServiceSettings, load_service

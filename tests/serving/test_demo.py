@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import CLASSES, png_bytes, save_checkpoint, scene
 from PIL import Image
 from process_fixtures import running
 from pycocotools import mask as mask_utils
-from test_predictor import CLASSES, png_bytes, save_checkpoint, scene
 
 from instseg_pipeline.predict.predictor import Predictor
 from instseg_pipeline.serving.demo import (

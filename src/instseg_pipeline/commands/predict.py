@@ -38,7 +38,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--score-threshold", type=float, default=0.5,
                         help="keep instances scoring at least this (default: %(default)s)")
     parser.add_argument("--mask-threshold", type=float, default=0.5,
-                        help="mask probability that counts as foreground (default: %(default)s)")
+                        help="mask probability from which a pixel is foreground; instances "
+                             "whose mask is then empty are left out (default: %(default)s)")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when present), cpu or cuda[:N] (default: %(default)s)")
     parser.add_argument("--threads", type=int,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from instseg_pipeline.config_schema import as_dict
+from instseg_pipeline.export.config import LatencyConfig
 from instseg_pipeline.export.onnx import DEFAULT_SESSION, create_session
 from instseg_pipeline.predict.backends import OnnxBackend, TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
@@ -74,15 +76,15 @@ def measure_latency(network, onnx_model: str | Path | bytes, images: Sequence[np
                     params: Mapping | None = None, image_ids: Sequence | None = None) -> dict:
     """Eager PyTorch and onnxruntime latency side by side, with the ratio ort / torch.
 
-    ``params``: threads (default 1), warmup (default 2), repeats (default 5), session
+    ``params``: threads, warmup, repeats (defaults: `export.config.LatencyConfig`), session
     (onnxruntime options, see `session_options`). Returns ``{"torch": {median_ms, p90_ms},
     "onnxruntime": {...}, "ratio": {"median", "p90"}, "per_image": [...], ...}``.
     """
-    params = dict(params or {})
-    threads = int(params.get("threads") or 1)
+    params = {**as_dict(LatencyConfig()), **(params or {})}
+    threads = int(params["threads"] or 1)
     session = {**DEFAULT_SESSION, **params.get("session", {}), "intra_op_num_threads": threads}
-    ms = time_backends(network, onnx_model, images, threads, int(params.get("warmup", 2)),
-                       int(params.get("repeats", 5)), session)
+    ms = time_backends(network, onnx_model, images, threads, int(params["warmup"]),
+                       int(params["repeats"]), session)
     stats = {name: latency_stats(values) for name, values in ms.items()}
     ids = list(image_ids) if image_ids is not None else list(range(len(images)))
     report = {**stats, "ratio": {q: stats["onnxruntime"][f"{q}_ms"] / stats["torch"][f"{q}_ms"]

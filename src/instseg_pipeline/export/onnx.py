@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from instseg_pipeline.config_schema import as_dict
+from instseg_pipeline.export.config import SessionConfig
 from instseg_pipeline.export.manifest import (
     INPUT_NAME,
     build_manifest,
@@ -43,11 +45,8 @@ from instseg_pipeline.predict.preprocess import to_chw
 logger = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-# measured in benchmarks/onnx_latency.py; see parameters_export.yml
-DEFAULT_SESSION = {
-    "graph_optimization_level": "all", "intra_op_num_threads": None,
-    "inter_op_num_threads": 1, "execution_mode": "sequential", "enable_mem_pattern": True,
-}
+# the schema's defaults (measured in benchmarks/onnx_latency.py)
+DEFAULT_SESSION = as_dict(SessionConfig())
 
 
 class ExportError(RuntimeError):

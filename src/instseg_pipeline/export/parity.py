@@ -16,13 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from instseg_pipeline.config_schema import as_dict
+from instseg_pipeline.export.config import ParityConfig
 from instseg_pipeline.export.onnx import create_session
 from instseg_pipeline.predict.backends import OnnxBackend, TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PARITY = {"box_atol": 1.0, "score_atol": 0.005, "mask_iou_min": 0.9, "match_iou": 0.5}
+# the schema's tolerances (num_images says how many images, not how close)
+DEFAULT_PARITY = {k: v for k, v in as_dict(ParityConfig()).items() if k != "num_images"}
 BLANK_ID = "blank"
 
 

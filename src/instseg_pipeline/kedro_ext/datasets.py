@@ -17,7 +17,12 @@ from typing import Any
 
 from kedro.io import AbstractVersionedDataset, DatasetError, Version
 
-from instseg_pipeline.export import ManifestError, check_digest, manifest_path, write_manifest
+from instseg_pipeline.export.manifest import (
+    ManifestError,
+    check_digest,
+    manifest_path,
+    write_manifest,
+)
 
 
 class LocalVersionedDataset(AbstractVersionedDataset[dict, dict]):

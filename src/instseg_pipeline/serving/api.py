@@ -107,8 +107,9 @@ class Instance(BaseModel):
     label: int = Field(description="model label (1..K, 0 is background)")
     category_name: str
     score: float
-    box: list[float] = Field(description="[x1, y1, x2, y2] in pixels")
-    bbox: list[float] = Field(description="COCO [x, y, width, height] in pixels")
+    box: list[float] = Field(description="the detector's box [x1, y1, x2, y2] in pixels")
+    bbox: list[float] = Field(description="COCO [x, y, width, height] of the mask in pixels "
+                                          "(as in the evaluation's predictions table)")
     area: int = Field(description="mask area in pixels")
     rle: RLE
     polygon: list[list[float]] | None = Field(
@@ -313,9 +314,11 @@ def _add_routes(app: FastAPI) -> None:
     app.post("/segment", response_model=SegmentResponse, responses=ERRORS,
              summary="Segment every instance in an image",
              description="Multipart upload (field `file`). Returns the instances with score "
-                         ">= score_threshold as full-size COCO RLE masks, boxes and optional "
-                         "polygons. 413: upload over the byte limit or image over the pixel "
-                         "limit (checked from the header); 415: empty or not an image; "
+                         ">= score_threshold, best first, as full-size COCO RLE masks "
+                         "(probability >= 0.5; an instance whose mask is empty is left out), "
+                         "boxes and optional polygons. 413: upload over the byte limit or "
+                         "image over the pixel limit (checked from the header); 415: empty or "
+                         "not an image; "
                          "422: corrupt image data or invalid parameters.")(segment)
     app.post("/segment_interactive", response_model=InteractiveResponse, responses=ERRORS,
              summary="Segment the object under clicked points or a box",

@@ -32,7 +32,8 @@ import gradio as gr
 import numpy as np
 
 from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem
-from instseg_pipeline.predict.predictor import Detections, Predictor, decode_upload
+from instseg_pipeline.predict.postprocess import Detections
+from instseg_pipeline.predict.predictor import Predictor, decode_upload
 from instseg_pipeline.serving.interactive import (
     InteractiveResult,
     InteractiveSegmenter,

@@ -25,7 +25,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from instseg_pipeline.predict.predictor import Predictor, resolve_device
+from instseg_pipeline.predict.device import resolve_device
+from instseg_pipeline.predict.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 

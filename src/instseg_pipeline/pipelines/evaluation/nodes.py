@@ -5,8 +5,10 @@ import logging
 
 import pandas as pd
 
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.tables import label_mapping
 from instseg_pipeline.evaluation import metrics as evaluation
+from instseg_pipeline.evaluation.config import EvaluationConfig
 from instseg_pipeline.kedro_ext import tracking
 
 logger = logging.getLogger(__name__)
@@ -18,22 +20,23 @@ def predict(model: dict, images: pd.DataFrame, categories: pd.DataFrame, source:
     from instseg_pipeline.models import load_model
     from instseg_pipeline.predict.batch import predict_images
 
+    config = EvaluationConfig.from_params(params)
     network = load_model(model["config"], model["state_dict"])
     to_category = {label: cat for cat, label in label_mapping(categories).items()}
-    split = images[images["split"] == params["split"]]
-    return predict_images(network, split, source["root"], to_category,
-                          batch_size=int(params.get("batch_size", 4)),
-                          device=params.get("device", "auto"),
-                          score_threshold=float(params["score_threshold"]),
-                          mask_threshold=float(params["mask_threshold"]))
+    split = images[images["split"] == config.split]
+    return predict_images(network, split, SourceConfig.from_params(source).root, to_category,
+                          batch_size=config.batch_size, device=config.device,
+                          score_threshold=config.score_threshold,
+                          mask_threshold=config.mask_threshold)
 
 
 def compute_coco_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                          categories: pd.DataFrame, predictions: pd.DataFrame,
                          params: dict) -> tuple[dict, dict]:
     """Mask and box AP (12 COCO stats each, per-class AP) and the PR arrays for plots."""
+    config = EvaluationConfig.from_params(params)
     result = evaluation.coco_metrics(images, instances, categories, predictions,
-                                     params["split"], params["iou_types"], params["backend"])
+                                     config.split, config.iou_types, config.backend)
     tracking.log_metrics({f"{t}/{k}": v for t, stats in result["metrics"].items()
                           for k, v in stats.items() if isinstance(v, float)})
     return result["metrics"], result["arrays"]
@@ -43,8 +46,12 @@ def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                        categories: pd.DataFrame, predictions: pd.DataFrame,
                        params: dict) -> dict:
     """Things-only panoptic quality of the predictions (overlaps resolved by score)."""
+    config = EvaluationConfig.from_params(params)
+    panoptic = config.panoptic
     result = evaluation.panoptic_metrics(images, instances, categories, predictions,
-                                         params["split"], **params["panoptic"])
+                                         config.split, score_threshold=panoptic.score_threshold,
+                                         overlap_threshold=panoptic.overlap_threshold,
+                                         min_area=panoptic.min_area)
     tracking.log_metrics({f"pq/{group}": result[group]["pq"] for group in ("all", "things")})
     return result
 
@@ -53,9 +60,11 @@ def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                                categories: pd.DataFrame, predictions: pd.DataFrame,
                                source: dict, params: dict) -> dict:
     """Cityscapes-style AP and AP50 (official gtFine ground truth on the cityscapes env)."""
+    config, source_config = EvaluationConfig.from_params(params), SourceConfig.from_params(source)
+    gtfine_root = source_config.root if source_config.type == "cityscapes" else None
     result = evaluation.cityscapes_metrics(
-        images, instances, categories, predictions, params["split"], source,
-        min_region_size=int(params.get("cityscapes", {}).get("min_region_size", 100)))
+        images, instances, categories, predictions, config.split, gtfine_root=gtfine_root,
+        min_region_size=config.cityscapes.min_region_size)
     tracking.log_metrics({f"cityscapes/{k}": result[k] for k in ("AP", "AP50")
                           if result[k] is not None})
     return result
@@ -64,23 +73,26 @@ def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
 def compute_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
                       predictions: pd.DataFrame, params: dict) -> pd.DataFrame:
     """Matched (prediction, GT) pairs with their mask IoU: mask quality and confusions."""
-    return evaluation.matched_mask_ious(images, instances, predictions, params["split"],
-                                        score_threshold=float(params["match_score_threshold"]))
+    config = EvaluationConfig.from_params(params)
+    return evaluation.matched_mask_ious(images, instances, predictions, config.split,
+                                        score_threshold=config.match_score_threshold)
 
 
-def _val_ids(images: pd.DataFrame, params: dict) -> list[int]:
-    ids = images.loc[images["split"] == params["split"], "image_id"].tolist()
-    return ids[: int(params["figures"]["suite_images"])]
+def _val_ids(images: pd.DataFrame, config: EvaluationConfig) -> list[int]:
+    ids = images.loc[images["split"] == config.split, "image_id"].tolist()
+    return ids[: config.figures.suite_images]
 
 
 def plot_visualisation_suite(images: pd.DataFrame, instances: pd.DataFrame,
                              categories: pd.DataFrame, predictions: pd.DataFrame,
                              source: dict, params: dict):
     """Original | GT | predictions | semantic merge for a sample of evaluated images."""
-    from instseg_pipeline.viz.evaluation import visualisation_suite
+    from instseg_pipeline.viz.suite import visualisation_suite
 
-    figure = visualisation_suite(images, instances, categories, predictions, source["root"],
-                                 _val_ids(images, params), params["match_score_threshold"])
+    config = EvaluationConfig.from_params(params)
+    figure = visualisation_suite(images, instances, categories, predictions,
+                                 SourceConfig.from_params(source).root, _val_ids(images, config),
+                                 config.match_score_threshold)
     tracking.log_figure(figure, "visualisation_suite.png")
     return figure
 
@@ -91,12 +103,14 @@ def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, matched: pd.
                                images: pd.DataFrame, instances: pd.DataFrame, source: dict,
                                params: dict):
     """AP breakdown, per-class AP, PR curves, IoU and size analysis, confusions, curves."""
-    from instseg_pipeline.viz.evaluation import performance_dashboard
+    from instseg_pipeline.viz.dashboard import performance_dashboard
 
+    config = EvaluationConfig.from_params(params)
     figure = performance_dashboard(coco_metrics, pr_arrays, matched, history, val_history,
-                                   categories, predictions, images, instances, source["root"],
-                                   score_threshold=params["match_score_threshold"],
-                                   split=params["split"])
+                                   categories, predictions, images, instances,
+                                   SourceConfig.from_params(source).root,
+                                   score_threshold=config.match_score_threshold,
+                                   split=config.split)
     tracking.log_figure(figure, "performance_dashboard.png")
     return figure
 
@@ -105,14 +119,16 @@ def plot_error_analysis(images: pd.DataFrame, instances: pd.DataFrame,
                         categories: pd.DataFrame, predictions: pd.DataFrame,
                         matched: pd.DataFrame, source: dict, params: dict):
     """Worst and best images, false-positive and false-negative galleries."""
-    from instseg_pipeline.viz.overlays import evaluation as viz
+    from instseg_pipeline.viz import galleries
 
-    args = (images, instances, categories, predictions, matched, source["root"])
-    options = {"score_threshold": params["match_score_threshold"], "split": params["split"]}
-    figures = (viz.worst_and_best_images(*args, n=int(params["figures"]["worst_best"]),
-                                         **options),
-               viz.false_positive_gallery(*args, n=int(params["figures"]["gallery"]), **options),
-               viz.false_negative_gallery(*args, n=int(params["figures"]["gallery"]), **options))
+    config = EvaluationConfig.from_params(params)
+    args = (images, instances, categories, predictions, matched,
+            SourceConfig.from_params(source).root)
+    options = {"score_threshold": config.match_score_threshold, "split": config.split}
+    gallery = config.figures.gallery
+    figures = (galleries.worst_and_best_images(*args, n=config.figures.worst_best, **options),
+               galleries.false_positive_gallery(*args, n=gallery, **options),
+               galleries.false_negative_gallery(*args, n=gallery, **options))
     for figure, name in zip(figures, ("worst_and_best", "false_positives", "false_negatives")):
         tracking.log_figure(figure, f"{name}.png")
     return figures

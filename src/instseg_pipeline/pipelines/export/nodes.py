@@ -1,5 +1,5 @@
-"""Export nodes. torch and onnxruntime are imported inside (through `instseg_pipeline.export`
-and `models`): `kedro run --pipeline ingestion` must not pay for them."""
+"""Export nodes. torch and onnxruntime are imported inside (through `instseg_pipeline.export`,
+`predict.backends` and `models`): `kedro run --pipeline ingestion` must not pay for them."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from instseg_pipeline import export as onnx_export
+from instseg_pipeline.config_schema import as_dict
+from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.images import load_image
+from instseg_pipeline.export import latency as onnx_latency
+from instseg_pipeline.export import parity
+from instseg_pipeline.export.config import ExportConfig
+from instseg_pipeline.export.onnx import ExportError, export_onnx
+from instseg_pipeline.predict.backends import TorchBackend
+from instseg_pipeline.predict.preprocess import to_chw
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ def _rows(images: pd.DataFrame, split: str, count: int) -> pd.DataFrame:
 
 
 def _detects(network, array: np.ndarray) -> bool:
-    return bool(len(onnx_export.eager_detect(network, onnx_export.to_chw(array))["scores"]))
+    return bool(len(TorchBackend(network, "cpu")(to_chw(array))["scores"]))
 
 
 def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.ndarray:
@@ -57,7 +64,7 @@ def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.nda
             logger.info("tracing the export on val image %s (%dx%d)", row.image_id, row.width,
                         row.height)
             return array
-    raise onnx_export.ExportError(
+    raise ExportError(
         f"none of the {len(rows)} val images tried ({rows['image_id'].tolist()[:10]}...) "
         "yields a detection, and tracing an image without one records only the empty path; "
         "train longer, lower the model's box_score_thresh or raise export.example_search")
@@ -65,13 +72,14 @@ def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.nda
 
 def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict) -> dict:
     """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image."""
+    config = ExportConfig.from_params(export)
     network = _network(model)
-    example = find_example(network, images, source["root"],
-                           int(export.get("example_search", 32)))
+    example = find_example(network, images, SourceConfig.from_params(source).root,
+                           config.example_search)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        manifest = onnx_export.export_onnx(
-            network, path, opset=export["opset"], example=example,
+        manifest = export_onnx(
+            network, path, opset=config.opset, example=example,
             classes=model["classes"], config=model["config"],
             iterations=int(model.get("iterations", 0)))
         return {"onnx": path.read_bytes(), "manifest": manifest}
@@ -80,24 +88,27 @@ def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict) 
 def check_onnx_parity(model: dict, onnx_model: dict, images: pd.DataFrame, source: dict,
                       export: dict) -> dict:
     """onnxruntime vs eager on val images + a blank one; raises `ParityError` on failure."""
+    config = ExportConfig.from_params(export)
     network = _network(model)
-    arrays, ids = select_images(images, source["root"], export["parity"]["num_images"])
-    arrays, ids = onnx_export.insert_blank(arrays, ids)
-    report = onnx_export.check_parity(network, onnx_model["onnx"], arrays, export["parity"],
-                                      image_ids=ids, session_params=export.get("session"))
+    arrays, ids = select_images(images, SourceConfig.from_params(source).root,
+                                config.parity.num_images)
+    arrays, ids = parity.insert_blank(arrays, ids)
+    report = parity.check_parity(network, onnx_model["onnx"], arrays, as_dict(config.parity),
+                                 image_ids=ids, session_params=as_dict(config.session))
     if not report["no_detection_case_covered"]:
         logger.warning("the blank image got detections from the eager model: the "
                        "no-detection path of the ONNX graph went unchecked")
-    onnx_export.raise_on_failure(report)
+    parity.raise_on_failure(report)
     return report
 
 
 def measure_latency(model: dict, onnx_model: dict, parity_report: dict,
                     images: pd.DataFrame, source: dict, export: dict) -> dict:
     """Eager vs onnxruntime latency per image on the same val images and thread count."""
-    latency = export["latency"]
-    arrays, ids = select_images(images, source["root"], latency["num_images"])
-    params = {**latency, "session": export.get("session", {})}
-    report = onnx_export.measure_latency(_network(model), onnx_model["onnx"], arrays, params,
-                                         image_ids=ids)
+    config = ExportConfig.from_params(export)
+    arrays, ids = select_images(images, SourceConfig.from_params(source).root,
+                                config.latency.num_images)
+    params = {**as_dict(config.latency), "session": as_dict(config.session)}
+    report = onnx_latency.measure_latency(_network(model), onnx_model["onnx"], arrays, params,
+                                          image_ids=ids)
     return {**report, "parity_passed": bool(parity_report["passed"])}

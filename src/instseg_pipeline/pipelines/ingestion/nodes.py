@@ -6,6 +6,7 @@ import logging
 import pandas as pd
 
 from instseg_pipeline.data import statistics
+from instseg_pipeline.data.config import IngestionConfig, SourceConfig
 from instseg_pipeline.data.quality import QualityReport
 from instseg_pipeline.data.sources.registry import read_source
 from instseg_pipeline.data.split import assign_splits
@@ -16,18 +17,20 @@ logger = logging.getLogger(__name__)
 
 def ingest_source(source: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Read the configured source into the three tables and a data-quality report."""
-    report = QualityReport(source["type"], source.get("on_invalid", "skip"))
-    tables = read_source(source, report)
+    config = SourceConfig.from_params(source)
+    report = QualityReport(config.type, config.on_invalid)
+    tables = read_source(config, report)
     check_tables(tables.images, tables.instances, tables.categories)
     summary = report.summary(tables.images, tables.instances)
     logger.info("ingested %d images, %d instances (%d crowd) from %s", summary["images"],
-                summary["instances"], summary["crowd_instances"], source["type"])
+                summary["instances"], summary["crowd_instances"], config.type)
     return tables.images, tables.instances, tables.categories, summary
 
 
 def split_images(images: pd.DataFrame, ingestion: dict) -> pd.DataFrame:
     """Keep the source's split, else split by hashed image id (``val_fraction``)."""
-    return assign_splits(images, ingestion["val_fraction"], ingestion.get("split_seed", 0))
+    config = IngestionConfig.from_params(ingestion)
+    return assign_splits(images, config.val_fraction, config.split_seed)
 
 
 def compute_dataset_statistics(images: pd.DataFrame, instances: pd.DataFrame,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 
+from instseg_pipeline.config_schema import as_dict
+from instseg_pipeline.data.config import SourceConfig
+
 logger = logging.getLogger(__name__)
 
 
 def generate_synthetic_data(source: dict) -> dict:
     """Write the synthetic COCO dataset into ``source.root``; return its manifest."""
-    if source.get("type") != "synthetic":
-        logger.info("source.type is %s: nothing to generate", source.get("type"))
-        return {"generated": False, "type": source.get("type")}
+    config = SourceConfig.from_params(source)
+    if config.type != "synthetic":
+        logger.info("source.type is %s: nothing to generate", config.type)
+        return {"generated": False, "type": config.type}
     from instseg_pipeline.data.sources import synthetic
 
-    return {"generated": True, **synthetic.generate(source["root"], source.get("synthetic"))}
+    return {"generated": True, **synthetic.generate(config.root, as_dict(config.synthetic))}
