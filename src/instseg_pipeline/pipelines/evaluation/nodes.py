@@ -1,4 +1,5 @@
-"""Evaluation nodes: thin adapters over `instseg_pipeline.evaluation` and `inference`."""
+"""Evaluation nodes: thin adapters over `instseg_pipeline.evaluation`, `predict` and `viz`;
+each builds the typed `EvaluationConfig` once from its parameters."""
 from __future__ import annotations
 
 import logging
