@@ -31,6 +31,7 @@ from instseg_pipeline.export import latency, parity
 from instseg_pipeline.export.manifest import library_versions
 from instseg_pipeline.export.onnx import DEFAULT_OPSET, DEFAULT_SESSION, export_onnx
 from instseg_pipeline.models import build_model, load_model
+from instseg_pipeline.models.torch_files import load_weights_only
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared/data/coco128/val2017"
 BASE = dict(DEFAULT_SESSION)
@@ -77,7 +78,7 @@ def _images(folder: Path, count: int) -> list[np.ndarray]:
 
 def _network(args: argparse.Namespace):
     if args.model:
-        saved = torch.load(args.model, map_location="cpu", weights_only=True)
+        saved = load_weights_only(args.model, "model file")
         return load_model(saved["config"], saved["state_dict"]).eval()
     torch.manual_seed(0)
     params = {"name": args.name, "min_size": args.min_size, "max_size": args.max_size,

@@ -1,9 +1,14 @@
-"""Project pipelines. `kedro run` runs `__default__`: every pipeline found, in data order."""
+"""Project pipelines. `kedro run` runs `__default__`: every pipeline found, in data order,
+with the export waiting for the evaluation (see `pipelines/export/pipeline.py`): a failing
+export then ends the run with the metrics already saved."""
 from kedro.framework.project import find_pipelines
 from kedro.pipeline import Pipeline
+
+from instseg_pipeline.pipelines import export
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     pipelines = find_pipelines(raise_errors=True)
-    pipelines["__default__"] = sum(pipelines.values(), Pipeline([]))
+    stages = [pipeline for name, pipeline in pipelines.items() if name != "export"]
+    pipelines["__default__"] = sum(stages, export.create_pipeline(after_evaluation=True))
     return pipelines

@@ -193,10 +193,68 @@ def test_undecodable_image_dropped_with_its_instances_only_when_decoding(tmp_pat
     assert set(probed.instances["image_id"]) == {1, 2}
 
 
-def test_missing_split_folder_fails(tmp_path):
+def _read_logged(root, caplog, **params):
+    """(tables, report, log text) of one read at WARNING level and above."""
+    report = QualityReport("cityscapes")
+    with caplog.at_level(logging.WARNING, logger="instseg_pipeline.data.sources.cityscapes"):
+        tables = cityscapes.read(typed({"root": str(root), **params}), report)
+    return tables, report, caplog.text
+
+
+def test_missing_split_folder_is_logged_and_the_others_read(tmp_path, caplog):
     _add_frame(tmp_path, "train", "aachen", 19)
-    with pytest.raises(IngestionError, match="leftImg8bit/val"):
-        cityscapes.read(typed({"root": str(tmp_path)}), QualityReport("cityscapes"))
+    tables, report, log = _read_logged(tmp_path, caplog)
+    assert "leftImg8bit/val not found" in log and "skipping split 'val'" in log
+    assert tables.images["split"].tolist() == ["train"]
+    assert report.notes["missing_split_val"] == 1 and "missing_split_train" not in report.notes
+
+
+def test_only_val_present_reads_val_and_logs_train_missing(tmp_path, caplog):
+    _add_frame(tmp_path, "val", "frankfurt", 1)
+    _add_frame(tmp_path, "val", "lindau", 2)
+    tables, report, log = _read_logged(tmp_path, caplog)  # default splits: train, val
+    assert "leftImg8bit/train not found" in log and "skipping split 'train'" in log
+    assert "leftImg8bit/val not found" not in log
+    assert tables.images["split"].tolist() == ["val", "val"]
+    assert tables.images["image_id"].tolist() == [1, 2]
+    assert len(tables.instances) == 2 * len(KEPT)
+    check_tables(tables.images, tables.instances, tables.categories)
+    assert report.notes["missing_split_train"] == 1
+    assert report.summary(tables.images, tables.instances)["notes"]["missing_split_train"] == 1
+
+
+def test_all_splits_present_logs_nothing_missing(tmp_path, caplog):
+    tables, report, log = _read_logged(_tree(tmp_path), caplog,
+                                       splits=["train", "val", "test"])
+    assert "not found" not in log
+    assert tables.images["split"].tolist() == ["train", "train", "val"]
+    assert not [key for key in report.notes if key.startswith("missing_split")]
+
+
+@pytest.mark.parametrize("splits", [["train", "val"], ["val"], ["train", "val", "test"]])
+def test_no_requested_split_present_fails_naming_root_and_splits(tmp_path, splits):
+    _add_frame(tmp_path, "test", "berlin", 5)  # test only: has no instance labels
+    labelled = [split for split in splits if split != "test"]
+    with pytest.raises(IngestionError) as caught:
+        cityscapes.read(typed({"root": str(tmp_path), "splits": splits}),
+                        QualityReport("cityscapes"))
+    message = str(caught.value)
+    assert f"none of the requested splits {labelled} found under {tmp_path / 'leftImg8bit'}" \
+        in message
+    for split in labelled:
+        assert str(tmp_path / "leftImg8bit" / split) in message
+
+
+def test_only_the_unlabelled_test_split_requested_fails(tmp_path):
+    _add_frame(tmp_path, "test", "berlin", 5)
+    with pytest.raises(IngestionError, match="source.splits names no split with instance"):
+        cityscapes.read(typed({"root": str(tmp_path), "splits": "test"}),
+                        QualityReport("cityscapes"))
+
+
+def test_missing_root_fails_naming_it(tmp_path):
+    with pytest.raises(IngestionError, match=str(tmp_path / "absent" / "leftImg8bit")):
+        cityscapes.read(typed({"root": str(tmp_path / "absent")}), QualityReport("cityscapes"))
 
 
 def test_unknown_verify_mode_is_refused(tmp_path):

@@ -17,6 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from instseg_pipeline.engine import distributed
+from instseg_pipeline.models.torch_files import (
+    UnreadableFileError,
+    UnsafeFileError,
+    load_weights_only,
+)
 
 if TYPE_CHECKING:
     from instseg_pipeline.engine.loop import TrainState
@@ -185,12 +190,15 @@ def prune_checkpoints(checkpoint_dir: str | Path, keep: int | None) -> list[Path
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a training checkpoint (weights_only) onto the CPU; CheckpointError if unusable."""
+    """Read a training checkpoint (weights_only) onto the CPU; CheckpointError if unusable,
+    also when it holds pickled Python objects (a checkpoint_dir may hold anyone's file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_weights_only(path, "checkpoint")
+    except (UnsafeFileError, UnreadableFileError) as exc:  # their messages name the file
+        raise CheckpointError(str(exc)) from exc
     except Exception as exc:  # torch raises several types for truncated / foreign files
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?): "
                               f"{type(exc).__name__}: {exc}") from exc

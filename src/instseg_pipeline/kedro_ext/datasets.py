@@ -61,9 +61,10 @@ class TorchModelDataset(LocalVersionedDataset):
     """
 
     def load(self) -> dict:
-        import torch
+        # weights_only: a model.pt may be copied in from anywhere (models/torch_files.py)
+        from instseg_pipeline.models.torch_files import load_weights_only
 
-        return torch.load(self._get_load_path(), map_location="cpu", weights_only=True)
+        return load_weights_only(self._get_load_path(), "model file")
 
     def save(self, data: dict) -> None:
         import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +19,12 @@ from torchvision.models.detection import (
     FasterRCNN_MobileNet_V3_Large_FPN_Weights,
     MaskRCNN_ResNet50_FPN_V2_Weights,
     MaskRCNN_ResNet50_FPN_Weights,
+)
+
+from instseg_pipeline.models.torch_files import (
+    UnreadableFileError,
+    UnsafeFileError,
+    load_weights_only,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,8 +87,10 @@ def _known_names(model_name: str) -> str:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model state_dict in ``path``: a raw state_dict or a dict with a "model" entry."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        loaded = load_weights_only(path, "weights file")
+    except UnsafeFileError as exc:
+        raise WeightsError(str(exc)) from None
+    except (UnreadableFileError, OSError) as exc:
         raise WeightsError(f"weights file {path}: cannot be read ({exc})") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
         loaded = loaded["model"]

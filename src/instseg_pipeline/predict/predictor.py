@@ -146,16 +146,21 @@ class Predictor:
                         threads: int | None = None) -> Predictor:
         """From a model file saved by `instseg_pipeline.kedro_ext.datasets.TorchModelDataset`.
 
-        ``threads`` sets torch's intra-op threads for the whole process.
+        ``threads`` sets torch's intra-op threads for the whole process. The file is read
+        with ``weights_only``: one holding pickled Python objects raises `UnsafeFileError`,
+        a damaged one `UnreadableFileError` (both ``ValueError``, naming the file).
         """
         import torch
+
+        from instseg_pipeline.models.torch_files import load_weights_only
 
         if threads:
             torch.set_num_threads(int(threads))
         path = Path(path)
         if not path.is_file():
             raise ModelNotFoundError(f"{path}: checkpoint file not found")
-        model_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # a user's file: tensors and plain containers only (UnsafeFileError otherwise)
+        model_dict = load_weights_only(path, "model file")
         if not isinstance(model_dict, dict):
             raise TypeError(f"{path}: not a model dict ({type(model_dict).__name__})")
         return cls.from_model(model_dict, device, sha256=file_sha256(path), source=str(path))

@@ -7,6 +7,9 @@ Layout under ``params.root``::
 
 Parameters: ``root``; ``splits`` (default ``[train, val]``; ``test`` is skipped because its
 gtFine holds no instance labels); ``verify_images`` ``decode`` (default) or ``header``.
+A requested split whose ``leftImg8bit/{split}`` folder is missing (a ``val``-only download)
+is logged by name and counted as the note ``missing_split_{split}``; the run fails only when
+none of the requested labelled splits exists.
 
 The instanceIds PNG (16 bit) is read at full bit depth. A pixel value ``v >= 1000`` is instance
 ``v % 1000`` of label id ``v // 1000``; a value ``v < 1000`` is a bare label id, which for an
@@ -75,8 +78,35 @@ def _splits(params: SourceConfig) -> list[str]:
     return [s for s in splits if s not in UNLABELLED_SPLITS]
 
 
+def present_splits(root: Path, splits: list[str], report: QualityReport) -> list[str]:
+    """The split names in ``splits`` whose ``root/leftImg8bit/{split}`` folder exists, in order.
+
+    A missing one is logged by name and noted as ``missing_split_{split}`` (partial downloads,
+    e.g. only ``val``, are common); raises ``IngestionError`` naming ``root`` and the splits
+    looked for when none exists, since then there is nothing to ingest.
+    """
+    folder = root / "leftImg8bit"
+    if not splits:
+        raise IngestionError(f"{SOURCE}: source.splits names no split with instance labels "
+                             f"to read under {folder} (test has none)")
+    present = [split for split in splits if (folder / split).is_dir()]
+    if not present:
+        raise IngestionError(
+            f"{SOURCE}: none of the requested splits {splits} found under {folder} "
+            f"(looked for {', '.join(str(folder / s) for s in splits)}); "
+            "set source.root to the Cityscapes root, or source.splits to the split folders "
+            "you have")
+    for split in splits:
+        if split not in present:
+            logger.warning("%s: split folder %s not found; skipping split '%s' (reading %s)",
+                           SOURCE, folder / split, split, present)
+            report.note(f"missing_split_{split}")
+    return present
+
+
 def find_images(root: Path, splits: list[str]) -> list[tuple[Path, str]]:
-    """(image path, split) pairs sorted by path relative to ``root``; a missing split fails."""
+    """(image path, split) pairs sorted by path relative to ``root``; a missing split fails
+    (``read`` passes only the splits ``present_splits`` found)."""
     found = []
     for split in splits:
         folder = root / "leftImg8bit" / split
@@ -142,7 +172,7 @@ def read(params: SourceConfig, report: QualityReport) -> SourceTables:
     """Canonical tables of a Cityscapes tree (see the module docstring for ``params``)."""
     verify_mode(params)
     root = Path(params.root)
-    found = find_images(root, _splits(params))
+    found = find_images(root, present_splits(root, _splits(params), report))
     logger.info("%s: %d images under %s", SOURCE, len(found), root / "leftImg8bit")
     images, instances = read_images(
         found, lambda image, split, image_id: _read_one(image, split, image_id, params, report),

@@ -70,9 +70,28 @@ def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.nda
         "train longer, lower the model's box_score_thresh or raise export.example_search")
 
 
-def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict) -> dict:
-    """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image."""
+def await_evaluation(coco_metrics: dict) -> str:
+    """``"segm mAP 0.412, bbox mAP 0.398"``: the headline of the saved ``coco_metrics``.
+
+    The node exists for the run order (see the export pipeline): taking an evaluation
+    output puts the export after the evaluation's metrics and figures.
+    """
+    parts = [f"{kind} mAP {coco_metrics[kind]['mAP']:.3f}" for kind in ("segm", "bbox")
+             if isinstance(coco_metrics.get(kind), dict)
+             and isinstance(coco_metrics[kind].get("mAP"), int | float)]
+    return ", ".join(parts) or "no mAP in coco_metrics"
+
+
+def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict,
+                 evaluation: str | None = None) -> dict:
+    """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image.
+
+    ``evaluation`` (`await_evaluation`'s headline) only orders the node after evaluation
+    and is logged, so a failing export is reported under the metrics already saved.
+    """
     config = ExportConfig.from_params(export)
+    if evaluation is not None:
+        logger.info("exporting after evaluation (metrics saved: %s)", evaluation)
     network = _network(model)
     example = find_example(network, images, SourceConfig.from_params(source).root,
                            config.example_search)
