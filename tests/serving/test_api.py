@@ -154,6 +154,8 @@ def test_chunked_upload_over_byte_limit_is_413(url):
     response = httpx.post(f"{url}/segment", content=iter([body[:1000], body[1000:]]),
                           headers={"content-type": f"multipart/form-data; boundary={boundary}"},
                           timeout=60)
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
     assert response.status_code == 413 and "big.png" in response.json()["detail"]
 
 

@@ -55,6 +55,14 @@ def _build_parser() -> argparse.ArgumentParser:
                                        "data/06_models/<source>/model.pt/<version>/model.pt "
                                        "when no model is given (default: the working folder)")
     add_model_options(parser, "to serve")
+    parser.add_argument("--max-queue", type=int,
+                        help="requests that may wait for the model while it runs one; "
+                             "further requests to /segment and /segment_interactive get 503 "
+                             "with Retry-After at once, so memory and waiting stay bounded "
+                             "(env INSTSEG_MAX_QUEUE; default 8; 0: no waiting)")
+    parser.add_argument("--max-points", type=int,
+                        help="most prompt points one /segment_interactive request may send; "
+                             "more get 422 (env INSTSEG_MAX_POINTS; default 64)")
     return parser
 
 
@@ -72,14 +80,19 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from instseg_pipeline.serving.api import create_app
 
-    app = create_app(settings_from_args(args))
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # a limit out of range, from an option or the environment
+        parser.error(str(exc))
+    app = create_app(settings)
     logger.info("starting on http://%s:%d", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

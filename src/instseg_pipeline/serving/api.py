@@ -5,17 +5,25 @@ $INSTSEG_MANIFEST to point elsewhere), $INSTSEG_CHECKPOINT, else the newest Kedr
 ``data/06_models/<source>/model.pt/<version>/model.pt`` under the working directory
 ($INSTSEG_SOURCE_NAME picks the source). $INSTSEG_SAM_CHECKPOINT and
 $INSTSEG_SAM_MODEL_TYPE add a SAM model for prompts. Limits: $INSTSEG_MAX_UPLOAD_BYTES
-(413 above it), $INSTSEG_MAX_PIXELS (413 above it, read from the header before decoding).
+(413 above it, from Content-Length or, for a chunked body, while it streams in),
+$INSTSEG_MAX_PIXELS (413 above it, read from the header before decoding),
+$INSTSEG_MAX_QUEUE (503 with Retry-After when that many requests already wait for the
+model), $INSTSEG_MAX_POINTS (422 above that many prompt points).
 $INSTSEG_THREADS sets the backend's intra-op threads.
 
 Inference runs on one dedicated thread, never on the event loop: the models are not
 re-entrant, requests queue for that thread, and one thread (rather than whichever pool
-thread is free) keeps the allocator from growing an arena per thread.
+thread is free) keeps the allocator from growing an arena per thread. The queue is bounded:
+at most 1 + max_queue requests are admitted to /segment and /segment_interactive at once
+(counted from their arrival, upload and decoding included, so that a refused request costs
+no reading and memory stays below (1 + max_queue) x (upload limit + decoded pixel limit));
+others get 503 at once. /health and /model are never queued.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -34,6 +42,7 @@ from instseg_pipeline.data.images import ImageProblem
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_to_string
 from instseg_pipeline.predict.predictor import Predictor, decode_upload, load_predictor
 from instseg_pipeline.serving.interactive import (
+    MAX_PROMPT_POINTS,
     InteractiveResult,
     InteractiveSegmenter,
     PromptError,
@@ -45,6 +54,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+# 8 waiting requests of ~0.5 s CPU inference keep the worst wait near 5 s; beyond that a
+# client is better told to come back than left holding a connection and an image
+DEFAULT_MAX_QUEUE = 8
+QUEUED_PATHS = frozenset({"/segment", "/segment_interactive"})
+RUN_SECONDS_SMOOTHING = 0.2  # weight of the newest inference time in the running mean
 FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and small form fields
 READ_CHUNK = 1 << 20
 IMAGE_STATUS = {"too_many_pixels": 413, "empty_file": 415, "not_an_image": 415,
@@ -76,6 +90,16 @@ class ServiceSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     threads: int | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_points: int = MAX_PROMPT_POINTS
+
+    def __post_init__(self):
+        # checked here so the environment and the command line fail the same way
+        for name, option, minimum in (("max_queue", "INSTSEG_MAX_QUEUE / --max-queue", 0),
+                                      ("max_points", "INSTSEG_MAX_POINTS / --max-points", 1)):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name} (${option}) must be >= {minimum}, "
+                                 f"got {getattr(self, name)}")
 
     @classmethod
     def from_env(cls, environ: Mapping | None = None) -> ServiceSettings:
@@ -91,7 +115,9 @@ class ServiceSettings:
                    max_upload_bytes=_int_env(env, "INSTSEG_MAX_UPLOAD_BYTES",
                                              DEFAULT_MAX_UPLOAD_BYTES),
                    max_pixels=_int_env(env, "INSTSEG_MAX_PIXELS", DEFAULT_MAX_PIXELS),
-                   threads=_int_env(env, "INSTSEG_THREADS", 0) or None)
+                   threads=_int_env(env, "INSTSEG_THREADS", 0) or None,
+                   max_queue=_int_env(env, "INSTSEG_MAX_QUEUE", DEFAULT_MAX_QUEUE),
+                   max_points=_int_env(env, "INSTSEG_MAX_POINTS", MAX_PROMPT_POINTS))
 
 
 # --- response models ----------------------------------------------------------------------------
@@ -176,28 +202,108 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS = {413: {"model": ErrorResponse, "description": "upload or image too large"},
-          415: {"model": ErrorResponse, "description": "empty upload or not an image"}}
+          415: {"model": ErrorResponse, "description": "empty upload or not an image"},
+          503: {"model": ErrorResponse,
+                "description": "the model's queue is full (max_queue requests already "
+                               "wait); answered at once, without reading the upload",
+                "headers": {"Retry-After": {
+                    "description": "seconds after which the queue is expected to have "
+                                   "room (the mean inference time x requests admitted)",
+                    "schema": {"type": "integer"}}}}}
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 class UploadLimitMiddleware:
-    """Answers 413 from the Content-Length header, before the body is read."""
+    """Answers 413 from the Content-Length header, before the body is read; a body without
+    one (Transfer-Encoding: chunked) is counted as it streams in and refused with 413 as
+    soon as it passes the limit, before the form parser spools it."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes + FORM_OVERHEAD_BYTES:
-                response = JSONResponse(status_code=413, content={
-                    "detail": f"request body of {int(length)} bytes exceeds the upload "
-                              f"limit of {self.max_bytes} bytes"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes + FORM_OVERHEAD_BYTES
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            response = JSONResponse(status_code=413, content={
+                "detail": f"request body of {int(length)} bytes exceeds the upload "
+                          f"limit of {self.max_bytes} bytes"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, _counted(receive, limit, self.max_bytes), send)
+
+
+def _counted(receive, limit: int, max_bytes: int):
+    """``receive`` that raises 413 once more than ``limit`` body bytes came in. FastAPI
+    re-raises an HTTPException met while reading the form, so the answer is the usual JSON
+    413 and the parser's spooled file is closed."""
+    received = 0
+
+    async def receive_counted():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, f"request body passed {received} bytes, over the "
+                                         f"upload limit of {max_bytes} bytes (chunked "
+                                         "upload refused while streaming)")
+        return message
+
+    return receive_counted
+
+
+class QueueLimitMiddleware:
+    """Admits at most ``1 + max_queue`` requests to the model endpoints (`QUEUED_PATHS`)
+    at once; the next gets 503 with Retry-After and a JSON error at once, its body unread.
+
+    One counter on the event loop (no lock needed: it is only touched between awaits).
+    A slot is held from arrival to the last byte of the response, so uploads and decoded
+    images in memory are bounded along with the wait.
+    """
+
+    def __init__(self, app, max_queue: int):
+        self.app = app
+        self.max_queue = max_queue
+        self.admitted = 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in QUEUED_PATHS \
+                or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        if self.admitted > self.max_queue:
+            await self._refuse(scope, receive, send)
+            return
+        self.admitted += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admitted -= 1
+
+    async def _refuse(self, scope, receive, send) -> None:
+        service = getattr(scope["app"].state, "service", None)
+        seconds = retry_after_seconds(service.mean_run_seconds if service else 1.0,
+                                      self.admitted)
+        logger.warning("queue full (%d admitted, max_queue %d): 503 for %s, retry after %d s",
+                       self.admitted, self.max_queue, scope["path"], seconds)
+        response = JSONResponse(status_code=503, headers={"Retry-After": str(seconds)},
+                                content={"detail": f"the model's queue is full: "
+                                                   f"{self.admitted - 1} requests waiting "
+                                                   f"(max_queue {self.max_queue}); retry "
+                                                   f"after {seconds} s"})
+        await response(scope, receive, send)
+
+
+def retry_after_seconds(mean_run_seconds: float, admitted: int) -> int:
+    """Whole seconds (>= 1) until ``admitted`` requests of ``mean_run_seconds`` each are
+    through the single model worker."""
+    return max(1, math.ceil(mean_run_seconds * admitted))
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -255,13 +361,23 @@ class Service:
     predictor: Predictor
     interactive: InteractiveSegmenter
     executor: ThreadPoolExecutor
+    mean_run_seconds: float = 1.0  # running mean of one inference; sizes Retry-After
 
     def model_info(self) -> dict:
         return {**self.predictor.info(), "interactive_methods": self.interactive.methods}
 
     async def run(self, function, *args):
         """``function(*args)`` on the inference thread, awaited without blocking the loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed,
+                                                                function, *args)
+
+    def _timed(self, function, *args):
+        start = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            self.mean_run_seconds += RUN_SECONDS_SMOOTHING * (
+                time.perf_counter() - start - self.mean_run_seconds)
 
 
 def load_service(settings: ServiceSettings) -> Service:
@@ -298,6 +414,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                   description="Instance segmentation of uploaded images with the project's "
                               "trained Mask R-CNN (torch or ONNX Runtime), plus prompt-based "
                               "(click / box) segmentation.")
+    # added last is outermost: an oversize upload gets its 413 without taking a queue slot
+    app.add_middleware(QueueLimitMiddleware, max_queue=settings.max_queue)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     _add_routes(app)
     return app
@@ -319,7 +437,9 @@ def _add_routes(app: FastAPI) -> None:
                          "boxes and optional polygons. 413: upload over the byte limit or "
                          "image over the pixel limit (checked from the header); 415: empty or "
                          "not an image; "
-                         "422: corrupt image data or invalid parameters.")(segment)
+                         "422: corrupt image data or invalid parameters; 503 (with "
+                         "Retry-After): max_queue requests already wait for the "
+                         "model.")(segment)
     app.post("/segment_interactive", response_model=InteractiveResponse, responses=ERRORS,
              summary="Segment the object under clicked points or a box",
              description="Multipart upload (field `file`) with form fields `points` (JSON "
@@ -327,8 +447,11 @@ def _add_routes(app: FastAPI) -> None:
                          "0 = not) and optional `box` (JSON [x1, y1, x2, y2]). Answered by "
                          "SAM when configured, else by the trained model's instances under "
                          "the positive points, else by GrabCut seeded with the prompts; "
-                         "`method` says which. 422: invalid prompts (bad JSON, wrong shape, "
-                         "length mismatch, labels not 0/1, outside the image).")(
+                         "`method` says which. At most max_points points (default "
+                         f"{MAX_PROMPT_POINTS}) and one box. 422: invalid prompts (bad "
+                         "JSON, wrong shape, length mismatch, labels not 0/1, outside the "
+                         "image, more points than max_points); 503 (with Retry-After): "
+                         "max_queue requests already wait for the model.")(
         segment_interactive)
 
 
@@ -368,16 +491,19 @@ async def segment(
 async def segment_interactive(
         request: Request,
         file: Annotated[UploadFile, File(description="the image")],
-        points: Annotated[str, Form(description="JSON [[x, y], ...] in pixels")] = "[]",
-        labels: Annotated[str, Form(description="JSON [1, 0, ...]: 1 on the object, 0 not")
-                          ] = "[]",
-        box: Annotated[str | None, Form(description="JSON [x1, y1, x2, y2] in pixels")] = None,
+        points: Annotated[str, Form(description="JSON [[x, y], ...] in pixels; at most "
+                                                "max_points ($INSTSEG_MAX_POINTS, "
+                                                f"default {MAX_PROMPT_POINTS}) pairs")] = "[]",
+        labels: Annotated[str, Form(description="JSON [1, 0, ...]: 1 on the object, 0 not; "
+                                                "one per point")] = "[]",
+        box: Annotated[str | None, Form(description="JSON [x1, y1, x2, y2] in pixels; one "
+                                                    "box")] = None,
         score_threshold: Annotated[float, Form(
             ge=0.0, le=1.0, description="minimum score of trained-model instances")] = 0.5,
 ) -> dict:
     service, start = _service(request), time.perf_counter()
     try:
-        prompts = parse_prompts(points, labels, box)
+        prompts = parse_prompts(points, labels, box, service.settings.max_points)
     except PromptError as exc:
         raise _validation_error(exc.field, str(exc)) from None
     image = await _decode(file, service.settings)

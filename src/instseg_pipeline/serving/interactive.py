@@ -47,6 +47,9 @@ SAM_PRESETS = {
 GRABCUT_MAX_SIDE = 512  # GrabCut is O(pixels x iterations): work on a downscaled copy
 GRABCUT_ITERATIONS = 5
 BOX_INSIDE_FRACTION = 0.5
+# a person clicks a handful of points; the model answer and GrabCut cost grows with each
+# (a pixel lookup per mask, a disk per seed), so a request may not send thousands
+MAX_PROMPT_POINTS = 64
 
 
 class PromptError(ValueError):
@@ -95,6 +98,9 @@ def _json_field(name: str, text: str | None):
     except ValueError as exc:
         raise PromptError(f"{name} is not valid JSON ({exc.msg} at character {exc.pos})",
                           name) from None
+    except RecursionError:
+        # "[[[[..." a few thousand deep exhausts the decoder's stack: a 422, not a 500
+        raise PromptError(f"{name} is nested too deeply to be prompts", name) from None
 
 
 def _number_array(name: str, value, shape_text: str) -> np.ndarray:
@@ -108,9 +114,19 @@ def _number_array(name: str, value, shape_text: str) -> np.ndarray:
     return array
 
 
-def _parse_points(points, labels) -> tuple[np.ndarray, np.ndarray]:
+def _check_count(points, labels, max_points: int) -> None:
+    """Refuse more than ``max_points`` points (or labels) before any array is built."""
+    for name, value in (("points", points), ("labels", labels)):
+        if isinstance(value, list) and len(value) > max_points:
+            raise PromptError(f"{name} has {len(value)} entries, over the limit of "
+                              f"{max_points} prompt points (max_points)", name)
+
+
+def _parse_points(points, labels, max_points: int = MAX_PROMPT_POINTS
+                  ) -> tuple[np.ndarray, np.ndarray]:
     points = [] if points is None else points
     labels = [] if labels is None else labels
+    _check_count(points, labels, max_points)
     array = _number_array("points", points, "a list of [x, y] pairs")
     if array.size == 0:
         array = array.reshape(0, 2)
@@ -131,19 +147,23 @@ def _parse_box(box) -> np.ndarray | None:
         return None
     array = _number_array("box", box, "[x1, y1, x2, y2]")
     if array.shape != (4,):
-        raise PromptError(f"box must be [x1, y1, x2, y2], got shape {list(array.shape)}", "box")
+        raise PromptError(f"box must be one [x1, y1, x2, y2], got shape "
+                          f"{list(array.shape)}", "box")
     if not (array[0] < array[2] and array[1] < array[3]):
         raise PromptError(f"box {array.tolist()} must have x1 < x2 and y1 < y2", "box")
     return array.astype(np.float32)
 
 
-def parse_prompts(points: str | None, labels: str | None, box: str | None = None) -> Prompts:
-    """`Prompts` from JSON texts: points ``[[x, y], ...]``, labels ``[1, 0, ...]``, box.
+def parse_prompts(points: str | None, labels: str | None, box: str | None = None,
+                  max_points: int = MAX_PROMPT_POINTS) -> Prompts:
+    """`Prompts` from JSON texts: points ``[[x, y], ...]``, labels ``[1, 0, ...]``, box
+    (one ``[x1, y1, x2, y2]``).
 
-    Raises `PromptError` for invalid JSON, wrong shapes, labels other than 0/1, a length
-    mismatch, or neither a positive point nor a box.
+    Raises `PromptError` for invalid JSON, wrong shapes, more than ``max_points`` points or
+    labels, labels other than 0/1, a length mismatch, or neither a positive point nor a box.
     """
-    pts, labs = _parse_points(_json_field("points", points), _json_field("labels", labels))
+    pts, labs = _parse_points(_json_field("points", points), _json_field("labels", labels),
+                              max_points)
     parsed = Prompts(pts, labs, _parse_box(_json_field("box", box)))
     if parsed.box is None and len(parsed.positive) == 0:
         raise PromptError("give at least one positive point (label 1) or a box")
@@ -240,12 +260,12 @@ class SamSegmenter:
 def load_sam(checkpoint: str | Path, model_type: str = "vit_b",
              device: str = "auto") -> SamSegmenter:
     """A `SamSegmenter` from an official SAM checkpoint or a ``{config, state_dict}`` file."""
-    import torch
+    from instseg_pipeline.models.torch_files import load_weights_only
 
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: SAM checkpoint not found")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_weights_only(path, "SAM checkpoint")  # $INSTSEG_SAM_CHECKPOINT: a user's file
     custom = isinstance(saved, dict) and "state_dict" in saved and "config" in saved
     # a checkpoint that carries its config needs no type; the official ones need theirs
     config = sam_config("vit_b", saved["config"]) if custom else sam_config(model_type)
