@@ -2,7 +2,10 @@
 
 Each source decides per case (see README "Bad input"): structural damage (duplicate ids,
 dangling references) always fails; a bad image or a bad annotation is skipped and counted
-under a reason code, or fails the run when ``on_invalid: fail``.
+under a reason code, or fails the run when ``on_invalid: fail``. Geometry reason codes
+(polygon_*, rle_*, bbox_out_of_bounds) and their limits are listed in `data.masks`; record
+reasons (bad_image_record, bad_annotation_record, too_many_pixels) in `sources.coco`.
+The first few messages of each reason are logged as warnings, the rest at debug level.
 """
 from __future__ import annotations
 
@@ -38,6 +41,9 @@ class QualityReport:
         if len(self.examples[reason]) < _EXAMPLES_KEPT:
             self.examples[reason].append(message)
             logger.warning("skipped %s: %s", kind[:-1], message)
+        else:
+            # every rejected item stays named in the log, without flooding the console
+            logger.debug("skipped %s: %s", kind[:-1], message)
 
     def note(self, key: str, count: int = 1) -> None:
         """Count something kept but changed (e.g. ``converted_mode_L``, ``exif_ignored``)."""

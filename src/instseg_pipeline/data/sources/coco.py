@@ -7,9 +7,35 @@ uncompressed and compressed RLE all become one compressed RLE of the full image 
 Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
 - always fail: unreadable json, duplicate image / annotation / category ids, an annotation
   whose image_id or category_id is not declared — the file itself is inconsistent;
-- skip or fail: an unusable image file (missing, empty, not an image, truncated, too many
-  pixels, size different from the json) with all its annotations, and an unusable
-  annotation (bad polygon, bad RLE, bad bbox, empty mask).
+- skip or fail: an image record that is not an object or has no integer id
+  (``bad_image_record``, named by its position ``images[i]``), or whose declared size is
+  not positive or exceeds ``max_image_pixels`` (``too_many_pixels``, before any of its
+  annotations is converted); an unusable image file (missing, empty, not an image,
+  truncated, too many pixels, size different from the json) with all its annotations; an
+  annotation record that is not an object or has a non-integer id / image_id / category_id
+  (``bad_annotation_record``); and an unusable annotation (bad or far-out polygon, RLE or
+  bbox, absurd vertex or run counts, empty mask: reason codes and limits in `data.masks`).
+- a category that is not an object or has no integer id fails the file.
+
+Memory. Every geometry is checked against limits derived from its image's declared size
+before pycocotools allocates anything for it, and that size is capped by
+``max_image_pixels``. With F the json size in bytes, H x W the largest size declared by an
+image record that passes that cap, and O the total length of the kept masks' RLE strings
+(the output column), a read adds at most `memory_bound` =
+32 MiB + 64*F + 256*(H+2)*(W+2) + 4*O bytes to the resident size the process had before:
+
+- 64*F: the raw bytes, and the parsed json as Python objects (at most ~32 bytes per byte
+  of json, reached by nested empty containers; numbers cost 4-8), with the image records
+  copied once more with their paths;
+- 256*(H+2)*(W+2): one segmentation's rasterisation (pycocotools: 20 bytes per boundary
+  sample, at most 12*(H+2)*(W+2) samples, then 4*(H*W+1) to merge parts), or one decoded
+  image during the check, whichever is larger; never both at once;
+- 4*O: the kept RLE strings as Python strings and then as the table's column; O itself is
+  at most 6*(H*W+1) characters per kept instance;
+- 32 MiB: fixed buffers (one block of a compressed string being decoded, pandas).
+
+Image-check worker processes (``workers``) each hold one decoded image besides their copy
+of the parent. tests/data/test_coco_memory.py measures VmHWM against this bound.
 """
 from __future__ import annotations
 
@@ -36,6 +62,15 @@ if TYPE_CHECKING:
     from instseg_pipeline.data.config import SourceConfig
 
 logger = logging.getLogger(__name__)
+
+MEMORY_FIXED_BYTES = 32 << 20
+
+
+def memory_bound(file_bytes: int, height: int, width: int, rle_chars: int) -> int:
+    """Bytes a read may add to the process's resident size (module docstring): a json of
+    ``file_bytes``, largest kept image ``height`` x ``width``, ``rle_chars`` of output RLE."""
+    return (MEMORY_FIXED_BYTES + 64 * file_bytes + 256 * (height + 2) * (width + 2)
+            + 4 * rle_chars)
 
 
 def load_json(path: Path) -> dict:
@@ -85,6 +120,62 @@ def _category_rows(data: dict) -> list[dict]:
              "isthing": bool(c.get("isthing", True))} for c in data.get("categories", [])]
 
 
+def _is_id(value) -> bool:
+    """An id the int64 tables can hold: an int (not a bool) in the int64 range."""
+    return type(value) is int and -2**63 <= value < 2**63
+
+
+def _usable_images(records: list, path: Path, report: QualityReport) -> list[dict]:
+    """Image records that are objects with an integer id; the others are dropped
+    (``bad_image_record``), named by their position in the file."""
+    usable = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            report.drop("images", "bad_image_record",
+                        f"images[{index}] of {path}: not an object ({type(record).__name__})")
+        elif not _is_id(record.get("id")):
+            report.drop("images", "bad_image_record",
+                        f"images[{index}] of {path}: id {record.get('id')!r} is not an integer")
+        else:
+            usable.append(record)
+    return usable
+
+
+def _annotation_record_problem(ann) -> str | None:
+    if not isinstance(ann, dict):
+        return f"not an object ({type(ann).__name__})"
+    for key in ("id", "image_id", "category_id"):
+        if not _is_id(ann.get(key)):
+            return f"{key} {ann.get(key)!r} is not an integer"
+    return None
+
+
+def _usable_annotations(records: list, path: Path, report: QualityReport) -> list[dict]:
+    """Annotation records that are objects with integer id, image_id and category_id; the
+    others are dropped (``bad_annotation_record``), named by id or position."""
+    usable = []
+    for index, ann in enumerate(records):
+        problem = _annotation_record_problem(ann)
+        if problem is None:
+            usable.append(ann)
+            continue
+        label = (f"annotation {ann['id']}" if isinstance(ann, dict) and _is_id(ann.get("id"))
+                 else f"annotations[{index}]")
+        report.drop("annotations", "bad_annotation_record", f"{label} of {path}: {problem}")
+    return usable
+
+
+def _check_categories(records: list, path: Path) -> None:
+    """Categories are few and referenced by every annotation: a malformed one fails."""
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise IngestionError(f"{path}: categories[{index}] is not an object "
+                                 f"({type(record).__name__})")
+        if not _is_id(record.get("id")):
+            raise IngestionError(f"{path}: categories[{index}]: id {record.get('id')!r} is "
+                                 f"not an integer")
+
+
 def _image_record_problem(record: dict) -> str | None:
     for key in ("width", "height"):
         value = record.get(key)
@@ -95,53 +186,56 @@ def _image_record_problem(record: dict) -> str | None:
     return None
 
 
-def _bbox_problem(bbox) -> str | None:
+def _finite_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def _bbox_problem(bbox, height: int, width: int) -> tuple[str, str] | None:
+    """``(reason, message)`` for a bbox that is malformed (``bad_bbox``) or lies more than
+    one image size outside the image (``bbox_out_of_bounds``, as for polygons)."""
     if bbox is None:
         return None
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return f"bbox {bbox!r} is not [x, y, w, h]"
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-               for v in bbox):
-        return f"bbox {list(bbox)} has a non-finite value"
+        return "bad_bbox", f"bbox {bbox!r} is not [x, y, w, h]"
+    if not all(_finite_number(v) for v in bbox):
+        return "bad_bbox", f"bbox {list(bbox)} has a non-finite value"
     if bbox[2] <= 0 or bbox[3] <= 0:
-        return f"bbox {list(bbox)} has a non-positive width or height"
+        return "bad_bbox", f"bbox {list(bbox)} has a non-positive width or height"
+    x, y, w, h = bbox
+    if not masks.within_margin(x, x + w, y, y + h, height, width):
+        return ("bbox_out_of_bounds",
+                (f"bbox {list(bbox)} reaches more than one image size outside the "
+                f"{width}x{height} image"))
     return None
 
 
-def _plain_polygon(segmentation) -> bool:
-    """True for the common, valid case: one polygon of >= 3 finite points (a fast path)."""
-    if type(segmentation) is not list or len(segmentation) != 1:
-        return False
-    part = segmentation[0]
-    if type(part) is not list or len(part) < 6 or len(part) % 2:
-        return False
-    try:
-        return math.isfinite(sum(part))
-    except TypeError:
-        return False
-
-
-def _plain_bbox(bbox) -> bool:
-    """True for a missing bbox or four finite numbers with positive width and height."""
+def _plain_bbox(bbox, height: int, width: int) -> bool:
+    """True for a missing bbox or four finite numbers with positive width and height
+    inside the margin box (a fast path: False means "look closer", not "bad")."""
     if bbox is None:
         return True
     if type(bbox) is not list or len(bbox) != 4:
         return False
     try:
-        return math.isfinite(sum(bbox)) and bbox[2] > 0 and bbox[3] > 0 and \
-            not any(type(v) is bool for v in bbox)
-    except TypeError:
+        x, y, w, h = bbox
+        return math.isfinite(sum(bbox, 0.0)) and w > 0 and h > 0 and \
+            not any(type(v) is bool for v in bbox) and \
+            masks.within_margin(x, x + w, y, y + h, height, width)
+    except (TypeError, OverflowError):
         return False
 
 
 def _annotation_problem(ann: dict, height: int, width: int) -> tuple[str, str] | None:
     segmentation, bbox = ann.get("segmentation"), ann.get("bbox")
-    if _plain_bbox(bbox) and _plain_polygon(segmentation):
+    if _plain_bbox(bbox, height, width) and masks.plain_polygon(segmentation, height, width):
         return None
-    problem = _bbox_problem(bbox)
-    if problem:
-        return "bad_bbox", problem
-    return masks.segmentation_problem(segmentation, height, width)
+    return _bbox_problem(bbox, height, width) or \
+        masks.segmentation_problem(segmentation, height, width)
 
 
 INSTANCE_FIELDS = ("instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle")
@@ -179,13 +273,22 @@ def convert_annotations(anns: list[dict], record: dict) -> tuple[dict, list[tupl
     return columns, problems
 
 
-def _valid_records(data: dict, root: Path, image_dir: str,
-                   report: QualityReport) -> list[dict]:
+def _valid_records(data: dict, root: Path, image_dir: str, report: QualityReport,
+                   max_pixels: int) -> list[dict]:
+    """Image records with a usable size and file name, at most ``max_pixels`` pixels:
+    every geometry limit derives from the declared size, so a larger one is dropped
+    before any of its annotations is converted (its file would be refused anyway)."""
     records = []
     for record in data["images"]:
         problem = _image_record_problem(record)
         if problem:
             report.drop("images", "bad_image_record", f"image {record.get('id')}: {problem}")
+        elif record["width"] * record["height"] > max_pixels:
+            report.drop("images", "too_many_pixels",
+                        f"image {record['id']} ({record['file_name']}): declared "
+                        f"{record['width']}x{record['height']} = "
+                        f"{record['width'] * record['height']} pixels, over "
+                        f"source.max_image_pixels = {max_pixels}")
         else:
             relative = (Path(image_dir) / record["file_name"]).as_posix()
             records.append({**record, "relative": relative, "path": root / relative})
@@ -244,11 +347,16 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
     root = Path(params.root)
     path = root / params.annotations
     data = load_json(path)
+    # Records that are not objects or lack integer ids go first, so that the structural
+    # checks below (duplicates, references) compare only well-typed ids.
+    data["images"] = _usable_images(data["images"], path, report)
+    data["annotations"] = _usable_annotations(data.get("annotations", []), path, report)
+    _check_categories(data.get("categories", []), path)
     for records, what in ((data["images"], "image"), (data.get("annotations", []), "annotation"),
                           (data.get("categories", []), "category")):
         _require_unique(records, what, path)
     _check_references(data, path)
-    records = _valid_records(data, root, params.images, report)
+    records = _valid_records(data, root, params.images, report, params.max_image_pixels)
     image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
                                   params)
     # Each image's annotations are converted while the image checks run, and then let go,
