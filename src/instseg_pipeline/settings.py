@@ -1,7 +1,7 @@
 """Project settings: configuration loading (soft-merged environments) and hooks."""
 from kedro.config import OmegaConfigLoader
 
-from instseg_pipeline.kedro_ext.hooks import MlflowRunCleanupHook
+from instseg_pipeline.kedro_ext.hooks import DistributedTrackingHook, MlflowRunCleanupHook
 from instseg_pipeline.kedro_ext.tracking import project_tracking_uri, untracked_pipelines
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
@@ -18,5 +18,6 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-# Project hooks run after the plugins' (kedro-mlflow's) hooks of the same name.
-HOOKS = (MlflowRunCleanupHook(),)
+# Project hooks run after the plugins' (kedro-mlflow's) hooks of the same name: the
+# DistributedTrackingHook relies on it (it edits the configuration kedro-mlflow has read).
+HOOKS = (MlflowRunCleanupHook(), DistributedTrackingHook())

@@ -59,7 +59,12 @@ class AugmentationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedConfig:
-    """DDP workers through the elastic launcher (torchrun semantics); 1 = this process."""
+    """DDP workers through the elastic launcher (torchrun semantics).
+
+    World size nnodes x nproc_per_node; 1 = this process, above 1 = DDP (one process per
+    node too). node_rank: this node's index, 0..nnodes-1; it sets the ranks under the
+    static rendezvous, and under any backend node_rank 0 is the node that tracks in MLflow.
+    """
 
     nproc_per_node: int = 1
     nnodes: int = 1
@@ -68,6 +73,17 @@ class DistributedConfig:
     rdzv_endpoint: str = "127.0.0.1:29500"
     run_id: str = "instseg"
     max_restarts: int = 0
+    timeout_s: float = 1800.0               # a collective waiting on a dead rank fails after it
+
+    def __post_init__(self):
+        for name, low in (("nproc_per_node", 1), ("nnodes", 1), ("max_restarts", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(name, f"must be >= {low}, got {getattr(self, name)}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError("node_rank", f"must be in 0..{self.nnodes - 1} (nnodes="
+                              f"{self.nnodes}), got {self.node_rank}")
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout_s", f"must be > 0, got {self.timeout_s}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +105,8 @@ class TrainingConfig(Schema):
     seed: int = 0                           # python, numpy, torch (+ rank under DDP), data order
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when present
     threads: int | None = None              # torch CPU threads; null = torch's default
+    deterministic: bool = True              # bit-identical weights in a fresh process, same
+                                            # machine, threads and libraries (engine/rng.py)
     batch_size: int = 4
     num_workers: int = 0
     group_aspect_ratio: bool = True         # batches of similar aspect ratio

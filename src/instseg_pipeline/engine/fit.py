@@ -1,8 +1,10 @@
 """Training from the canonical tables: datasets, loaders, model and engine wired together.
 
-Kedro-free: the training nodes call `fit`. With ``distributed.nproc_per_node > 1`` the
-same function runs in that many workers through the elastic launcher (torchrun semantics);
-rank 0's result comes back.
+Kedro-free: the training nodes call `fit`. When the world size (``distributed.nnodes x
+distributed.nproc_per_node``) is above 1 the same function runs in DDP workers through the
+elastic launcher (torchrun semantics), one process per node included; global rank 0's
+result comes back on every node (`engine.distributed.launch`), so each node's caller saves
+the same model.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from instseg_pipeline.config_schema import ConfigError
-from instseg_pipeline.engine import distributed
+from instseg_pipeline.engine import checkpoint, distributed
 from instseg_pipeline.engine.config import TrainingConfig
 from instseg_pipeline.engine.loop import TrainResult, train
+from instseg_pipeline.engine.rng import reproducible, seed_everything
 from instseg_pipeline.engine.selection import BestModelSelector
 from instseg_pipeline.models import build_model, family_of, model_config
+from instseg_pipeline.predict.device import resolve_device
 from instseg_pipeline.torchdata.augment import build_augmentation
 from instseg_pipeline.torchdata.dataset import (
     InstanceDataset,
@@ -56,7 +60,18 @@ def _val_loader(val: InstanceDataset, config: TrainingConfig) -> DataLoader | No
 
 def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
               root: str, config: TrainingConfig) -> dict:
-    torch.set_num_threads(config.threads or torch.get_num_threads())
+    """This process's share of `fit`, in `engine.rng.reproducible` settings (a fixed thread
+    count; deterministic kernels with ``training.deterministic``), restored afterwards."""
+    device = resolve_device(config.device, "training.device")
+    with reproducible(config.deterministic, config.threads, device.type):
+        # the initial weights come from torch's global RNG: seed it before building the
+        # model, or they depend on what this process happened to draw before
+        seed_everything(config.seed)
+        return _train_here(images, instances, categories, root, config)
+
+
+def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
+                root: str, config: TrainingConfig) -> dict:
     train_set, val_set = build_datasets(images, instances, categories, root, config)
     num_classes = len(categories) + 1
     model = build_model(config.model, num_classes)
@@ -120,13 +135,38 @@ def _chosen_weights(model: torch.nn.Module, result: TrainResult,
 def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
         root: str | Path, config: TrainingConfig) -> dict:
     """Train a model; returns ``{"model": {config, state_dict, classes, iterations},
-    "history": DataFrame, "val_history": DataFrame, "skipped_steps": int}``."""
+    "history": DataFrame, "val_history": DataFrame, "skipped_steps": int}``.
+
+    World size 1: in this process. Above 1: DDP workers on this node, and on every node the
+    result of global rank 0 (the same dict on each). Raises `distributed.WorkerFailedError`
+    when a worker fails or is killed, saying how to resume.
+    """
     launch = config.distributed
     args = (images, instances, categories, str(root), config)
-    if launch.nproc_per_node <= 1:
+    world = launch.nnodes * launch.nproc_per_node
+    if world <= 1:
         return _fit_here(*args)
-    logger.info("training in %d worker processes per node", launch.nproc_per_node)
-    return distributed.launch(_fit_here, launch.nproc_per_node, *args, nnodes=launch.nnodes,
-                              node_rank=launch.node_rank, rdzv_endpoint=launch.rdzv_endpoint,
-                              rdzv_backend=launch.rdzv_backend, run_id=launch.run_id,
-                              max_restarts=launch.max_restarts)
+    logger.info("training with DDP: %d node(s) x %d worker(s) = world size %d (this node: "
+                "node_rank %d, rendezvous %s via %s)", launch.nnodes, launch.nproc_per_node,
+                world, launch.node_rank, launch.rdzv_endpoint, launch.rdzv_backend)
+    try:
+        return distributed.launch(_fit_here, launch.nproc_per_node, *args,
+                                  nnodes=launch.nnodes, node_rank=launch.node_rank,
+                                  rdzv_endpoint=launch.rdzv_endpoint,
+                                  rdzv_backend=launch.rdzv_backend, run_id=launch.run_id,
+                                  max_restarts=launch.max_restarts,
+                                  timeout_s=launch.timeout_s)
+    except distributed.WorkerFailedError as exc:
+        # the same error with the way on; chained to the launcher's report, not to itself
+        raise distributed.WorkerFailedError(f"{exc}. {_resume_hint(config)}",
+                                            exc.failures) from exc.__cause__
+
+
+def _resume_hint(config: TrainingConfig) -> str:
+    """Where the run can continue from: the newest checkpoint rank 0 wrote (as this node
+    sees ``checkpoint_dir``; other nodes need it on shared storage to resume)."""
+    latest = checkpoint.latest_checkpoint(config.checkpoint_dir)
+    if latest is None:
+        return f"No checkpoint in {config.checkpoint_dir} yet: a rerun starts from scratch"
+    return (f"Newest checkpoint: {latest}; rerun with training.resume=auto to continue "
+            "from it")

@@ -40,3 +40,51 @@ class MlflowRunCleanupHook:
     @hook_impl
     def on_pipeline_error(self) -> None:
         _end_leftover_runs("FAILED")
+
+
+def tracking_node(params: dict) -> bool:
+    """Whether this node's ``kedro run`` tracks in MLflow: one node per multi-node run.
+
+    ``training.distributed.node_rank`` 0 tracks; nodes 1..nnodes-1 do not. Every node's
+    `fit` returns global rank 0's result, so node 0 logs what rank 0 trained; under the
+    static rendezvous node 0 hosts rank 0 itself. Read leniently: a malformed block is left
+    to the training schema to report (an ingestion run must not fail on it here).
+    """
+    launch = ((params or {}).get("training") or {}).get("distributed") or {}
+    try:
+        nnodes, node_rank = int(launch.get("nnodes", 1)), int(launch.get("node_rank", 0))
+    except (TypeError, ValueError):
+        return True
+    return nnodes <= 1 or node_rank == 0
+
+
+class DistributedTrackingHook:
+    """On nodes 1..nnodes-1 of a multi-node run, kedro-mlflow tracks no pipeline.
+
+    kedro-mlflow reads its configuration in its own ``after_context_created`` (plugin hooks
+    run before the project's) and opens the run in ``before_pipeline_run`` unless the
+    pipeline is in ``tracking.disable_tracking.pipelines``: this hook puts every pipeline
+    there, before any run is opened. The DDP workers never track (no MLflow run exists in
+    them), so a multi-node run has one MLflow run, on node 0.
+    """
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        if tracking_node(context.params):
+            return
+        launch = context.params["training"]["distributed"]
+        config = getattr(context, "mlflow", None)  # kedro-mlflow's config, once it ran
+        if config is None:
+            if "kedro_mlflow" in sys.modules:
+                logger.warning("node_rank %s: kedro-mlflow's configuration is not on the "
+                               "context, MLflow tracking cannot be switched off on this node",
+                               launch.get("node_rank"))
+            return
+        from kedro.framework.project import pipelines
+
+        from instseg_pipeline.kedro_ext.tracking import PIPELINE_NAMES
+
+        disabled = config.tracking.disable_tracking  # the registry's and the known names
+        disabled.pipelines = sorted({*disabled.pipelines, *pipelines, *PIPELINE_NAMES})
+        logger.info("node_rank %s of %s: MLflow tracking is off on this node (node_rank 0 "
+                    "tracks the run)", launch.get("node_rank"), launch.get("nnodes"))

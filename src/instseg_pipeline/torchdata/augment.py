@@ -14,9 +14,12 @@ Every Compose carries pascal_voc boxes with the label fields ``labels`` and
 ``instance_index``: albumentations 2.x drops boxes but never masks, so the index says which
 masks survived. No ``Normalize``: torchvision detection models normalize internally.
 
-Randomness: albumentations 2.x seeds every transform of a Compose with the *same* seed, so
-two transforms with equal ``p`` always fire together. `seed_augmentation` gives each
-transform its own seed derived from the sample seed instead.
+Randomness: albumentations 2.x draws from each transform's own ``random_generator`` (numpy)
+and ``py_random`` (python), never from the global RNGs; a transform built without a seed
+seeds them from OS entropy. It also seeds every transform of a Compose with the *same*
+seed, so two transforms with equal ``p`` always fire together. `seed_augmentation` gives
+each transform its own seed derived from the sample seed instead; the Dataset calls it
+before every sample, and `build_augmentation` once, so no draw ever comes from entropy.
 """
 from __future__ import annotations
 
@@ -106,7 +109,9 @@ def build_augmentation(config: AugmentationConfig | None) -> A.Compose | None:
         return None
     bbox_params = A.BboxParams(format="pascal_voc", label_fields=LABEL_FIELDS,
                                min_visibility=config.min_visibility)
-    return A.Compose(transforms, bbox_params=bbox_params)
+    compose = A.Compose(transforms, bbox_params=bbox_params)
+    seed_augmentation(compose, 0)  # until the Dataset reseeds it per sample
+    return compose
 
 
 def _walk(transform):

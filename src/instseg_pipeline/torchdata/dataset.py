@@ -2,13 +2,17 @@
 
 Determinism: the augmentation of sample ``i`` in epoch ``e`` is a pure function of
 (seed, e, i) and the sample order of epoch ``e`` a pure function of (seed, e), so a resumed
-run or a run with data-loader workers sees exactly the same batches.
+run or a run with data-loader workers sees exactly the same batches. The loader draws its
+workers' base seed from its own generator (seeded from (seed, epoch)), not from torch's
+global RNG, and `seed_worker` seeds python's and numpy's global RNGs in each worker from
+it: nothing a worker does depends on the process that started it.
 """
 from __future__ import annotations
 
 import bisect
 import logging
 import math
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,6 +41,24 @@ def derive_seed(*values: int) -> int:
     """A 63-bit seed that is a pure function of ``values`` (torch and numpy accept it)."""
     state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+# the last value of derive_seed(seed, epoch, LOADER_STREAM): the loader's own stream, apart
+# from the sampler's derive_seed(seed, epoch)
+LOADER_STREAM = 1
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python's and numpy's global RNGs in this worker.
+
+    torch seeds the worker's torch RNG with base_seed + worker_id, where base_seed comes
+    from the loader's generator; python's and numpy's follow from that seed, so random work
+    outside albumentations' own generators (which `seed_augmentation` reseeds per sample)
+    repeats too.
+    """
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(derive_seed(seed, worker_id) % 2**32)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -233,8 +255,11 @@ def build_train_loader(dataset: InstanceDataset, batch_size: int, num_workers: i
         batches = GroupedBatchSampler(sampler, group_ids, batch_size, drop_last)
     else:
         batches = BatchSampler(sampler, batch_size, drop_last)
+    # its own generator: the workers' base seed must not come from (nor move) the global RNG
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, LOADER_STREAM))
     return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                      collate_fn=collate, persistent_workers=False)
+                      collate_fn=collate, persistent_workers=False,
+                      worker_init_fn=seed_worker, generator=generator)
 
 
 class MultiScale:
