@@ -264,6 +264,19 @@ def test_clicks_build_prompts():
     assert state_box(add_click(add_click(empty_prompts(), 4, 4, CORNER), 4, 9, CORNER)) is None
 
 
+def test_clicks_stop_at_the_prompt_point_limit():
+    import gradio as gr
+
+    from instseg_pipeline.serving.interactive import MAX_PROMPT_POINTS
+
+    state = empty_prompts()
+    for i in range(MAX_PROMPT_POINTS):
+        state = add_click(state, i, i, INCLUDE)
+    with pytest.raises(gr.Error, match=f"at most {MAX_PROMPT_POINTS} prompt points"):
+        add_click(state, 1, 1, EXCLUDE)
+    assert len(add_click(state, 2, 3, CORNER)["corners"]) == 1  # box corners are not points
+
+
 def test_answers_name_the_method(checkpoint):
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu", threads=1)
     segmenter = InteractiveSegmenter(predictor)

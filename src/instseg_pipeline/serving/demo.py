@@ -35,6 +35,7 @@ from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem
 from instseg_pipeline.predict.postprocess import Detections
 from instseg_pipeline.predict.predictor import Predictor, decode_upload
 from instseg_pipeline.serving.interactive import (
+    MAX_PROMPT_POINTS,
     InteractiveResult,
     InteractiveSegmenter,
     PromptError,
@@ -209,9 +210,13 @@ def empty_prompts() -> dict:
 def add_click(state: Mapping, x: float, y: float, mode: str) -> dict:
     """A new prompt state with the click at pixel (x, y) added as ``mode`` (a `PROMPT_MODES`).
 
-    A box takes two corner clicks; a third corner starts a new box.
+    A box takes two corner clicks; a third corner starts a new box. Points stop at the API's
+    limit (`interactive.MAX_PROMPT_POINTS`): each one costs every later answer.
     """
     state = {key: list(value) for key, value in (state or empty_prompts()).items()}
+    if mode in PROMPT_LABELS and len(state["points"]) >= MAX_PROMPT_POINTS:
+        raise gr.Error(f"at most {MAX_PROMPT_POINTS} prompt points; press Clear points to "
+                       "start again")
     if mode == CORNER:
         state["corners"] = (state["corners"] if len(state["corners"]) < 2 else []) + [[x, y]]
     elif mode in PROMPT_LABELS:
