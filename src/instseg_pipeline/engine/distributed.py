@@ -34,6 +34,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from torch.nn.parallel import DistributedDataParallel
 
+from instseg_pipeline.predict.device import local_rank  # the one reading of LOCAL_RANK
+
 logger = logging.getLogger(__name__)
 
 _PACKAGE = __name__.split(".")[0]  # the project's logger, configured in each worker
@@ -239,11 +241,6 @@ def rank() -> int:
 def world_size() -> int:
     """Number of processes in the group (1 outside a process group)."""
     return dist.get_world_size() if is_distributed() else 1
-
-
-def local_rank() -> int:
-    """Rank on this node, from the launcher's LOCAL_RANK (0 when absent)."""
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main_process() -> bool:

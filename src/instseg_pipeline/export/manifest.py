@@ -73,12 +73,13 @@ def manifest_path(onnx_path: str | Path) -> Path:
 
 
 def build_manifest(onnx_path: Path, opset: int, example_size: tuple[int, int],
-                   classes: Mapping | None, config: Mapping | None, **extra) -> dict:
+                   classes: Mapping | None, config: Mapping | None,
+                   exporter: str = "torchscript", **extra) -> dict:
     """The manifest of an exported file (SHA-256 computed here)."""
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "onnx_file": onnx_path.name, "sha256": file_sha256(onnx_path),
             "classes": {str(int(k)): str(v) for k, v in (classes or {}).items()},
-            "opset": int(opset), "config": dict(config or {}), "exporter": "torchscript",
+            "opset": int(opset), "config": dict(config or {}), "exporter": exporter,
             "example_size": [int(s) for s in example_size], "input": INPUT_POLICY,
             "outputs": OUTPUT_LAYOUT, "versions": library_versions(), **extra}
 

@@ -7,7 +7,8 @@ import os
 def local_rank() -> int:
     """This process's rank on its node, from the launcher's LOCAL_RANK (0 when absent).
 
-    Read here rather than from `engine.distributed`: prediction must not import the engine.
+    The one reading of LOCAL_RANK: `engine.distributed` imports it from here, since
+    prediction must not import the engine.
     """
     return int(os.environ.get("LOCAL_RANK", "0"))
 
