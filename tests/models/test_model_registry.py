@@ -12,6 +12,7 @@ from instseg_pipeline.models import (
     ModelFamily,
     OnnxSpec,
     build_model,
+    family_params,
     check_eval_output,
     check_losses,
     family_of,
@@ -83,7 +84,7 @@ def test_a_taken_name_cannot_be_registered_again(fake_registered):
 def test_unknown_name_and_unknown_key_name_the_parameter():
     with pytest.raises(ValueError, match=r"unknown model name 'maskrcnn_r101' "
                                          r"\(training\.model\.name\); use one of \[.*"
-                                         r"'maskrcnn_tiny'\]"):
+                                         r"'maskrcnn_tiny'.*\]"):
         build_model({"name": "maskrcnn_r101"}, 3)
     with pytest.raises(ValueError) as error:
         model_config({"name": "maskrcnn_tiny", "rpn_pre_nms_topn_train": 10, "lr": 1}, 3)
@@ -91,6 +92,26 @@ def test_unknown_name_and_unknown_key_name_the_parameter():
     assert message.startswith("unknown model parameter training.model.rpn_pre_nms_topn_train, "
                               "training.model.lr for maskrcnn_tiny; known: ")
     assert "rpn_pre_nms_top_n_train" in message and "roi_batch_size_per_image" in message
+
+
+def test_family_params_put_the_model_block_over_the_family_block():
+    """training.families.<section> holds a family's settings; training.model overrides."""
+    families = {"maskrcnn": {"box_detections_per_img": 50, "rpn_batch_size_per_image": 64}}
+    params = family_params({"name": "maskrcnn_tiny", "min_size": 96, "weights": None,
+                            "box_detections_per_img": 7}, families)
+    assert params == {"name": "maskrcnn_tiny", "min_size": 96, "box_detections_per_img": 7,
+                      "rpn_batch_size_per_image": 64}
+    assert build_model(params, 3).roi_heads.detections_per_img == 7
+
+
+def test_family_params_name_a_bad_block_key_by_its_dotted_path():
+    with pytest.raises(ValueError, match=r"^unknown model parameter "
+                                         r"training\.families\.maskrcnn\.rpn_topn for "
+                                         r"maskrcnn_tiny; known: "):
+        family_params({"name": "maskrcnn_tiny"}, {"maskrcnn": {"rpn_topn": 3}})
+    with pytest.raises(ValueError, match=r"^unknown model family block "
+                                         r"training\.families\.maskrnn; known: .*maskrcnn"):
+        family_params({"name": "maskrcnn_tiny"}, {"maskrnn": {}})
 
 
 def test_family_of_needs_a_network_from_build_model():

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from kedro.config import OmegaConfigLoader
 
+from instseg_pipeline.comparison.config import ModelComparisonConfig
 from instseg_pipeline.config_schema import ConfigError
 from instseg_pipeline.data.config import IngestionConfig, SourceConfig
 from instseg_pipeline.engine.config import TrainingConfig
@@ -17,7 +18,8 @@ from instseg_pipeline.pipelines.ingestion.nodes import split_images
 from instseg_pipeline.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-SCHEMAS = (SourceConfig, IngestionConfig, TrainingConfig, EvaluationConfig, ExportConfig)
+SCHEMAS = (SourceConfig, IngestionConfig, TrainingConfig, EvaluationConfig, ExportConfig,
+           ModelComparisonConfig)
 ENVS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "base")
 
 
@@ -42,11 +44,13 @@ def test_every_env_builds_every_schema(env):
 def test_base_yaml_states_the_schema_defaults():
     """One value per default: the YAML and the schema cannot drift (batch_size was 2 vs 4)."""
     params = parameters("local")
-    for schema in (SourceConfig, IngestionConfig, EvaluationConfig, ExportConfig):
+    for schema in (SourceConfig, IngestionConfig, EvaluationConfig, ExportConfig,
+                   ModelComparisonConfig):
         assert schema.from_params(params[schema.BLOCK]) == schema(), schema.__name__
     training = params["training"]  # model: an open block, its defaults are the registry's
     assert TrainingConfig.from_params(training) == TrainingConfig(
-        checkpoint_dir=training["checkpoint_dir"], model=training["model"])
+        checkpoint_dir=training["checkpoint_dir"], model=training["model"],
+        families=training["families"])
 
 
 def test_a_node_refuses_a_mistyped_key_by_its_dotted_name():

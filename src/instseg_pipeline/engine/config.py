@@ -3,8 +3,9 @@
 `TrainingConfig.from_params(params)` is built once, in the training nodes; `fit`, the loop and
 its callbacks read attributes. Every default here equals the base YAML's value (a test keeps
 them equal), so a run from the YAML and a run from a partial dict in a test differ only where
-they say so. ``model`` stays an open mapping: the models registry checks its keys, as each
-family accepts its own. ``loss_weights`` is open too: other families name other losses.
+they say so. ``model`` and ``families`` stay open mappings: the models registry checks their
+keys, as each family accepts its own. ``loss_weights`` is open too: families name their
+losses (empty: every loss weighs 1.0 on top of the family's own weights).
 No torch here: the training nodes import this module at load time, and every ``kedro run``
 (ingestion too) loads all nodes modules.
 """
@@ -118,6 +119,8 @@ class TrainingConfig(Schema):
     log_model_to_mlflow: bool = True
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     model: Mapping[str, Any] = field(default_factory=dict)  # checked by the models registry
+    # per family block (maskrcnn, yolact, ...): its settings, under training.model's overrides
+    families: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # the loop
     max_iters: int = 600                    # optimizer steps in all
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -125,8 +128,7 @@ class TrainingConfig(Schema):
     warmup_iters: int = 50                  # linear from warmup_factor * lr to lr
     warmup_factor: float = 0.01
     clip_grad_norm: float | None = 10.0     # max total L2 norm; null or 0 = off
-    loss_weights: Mapping[str, float] = field(
-        default_factory=lambda: dict.fromkeys(MASK_RCNN_LOSSES, 1.0))  # unnamed weigh 1.0
+    loss_weights: Mapping[str, float] = field(default_factory=dict)  # unnamed weigh 1.0
     amp: Literal["auto"] | bool = "auto"    # auto = on for CUDA; never on CPU
     on_nonfinite: Literal["error", "skip"] = "error"
     log_every: int | None = 20              # iterations between log lines; 0/null = none

@@ -21,7 +21,7 @@ from instseg_pipeline.engine.config import TrainingConfig
 from instseg_pipeline.engine.loop import TrainResult, train
 from instseg_pipeline.engine.rng import reproducible, seed_everything
 from instseg_pipeline.engine.selection import BestModelSelector
-from instseg_pipeline.models import build_model, family_of, model_config
+from instseg_pipeline.models import build_model, family_of, family_params, model_config
 from instseg_pipeline.predict.device import resolve_device
 from instseg_pipeline.torchdata.augment import build_augmentation
 from instseg_pipeline.torchdata.dataset import (
@@ -74,9 +74,10 @@ def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Da
                 root: str, config: TrainingConfig) -> dict:
     train_set, val_set = build_datasets(images, instances, categories, root, config)
     num_classes = len(categories) + 1
-    model = build_model(config.model, num_classes)
+    params = family_params(config.model, config.families)
+    model = build_model(params, num_classes)
     check_loss_weights(config, model)
-    identity = model_config(config.model, num_classes)
+    identity = model_config(params, num_classes)
     groups = aspect_ratio_group_ids(train_set.images) if config.group_aspect_ratio else None
 
     def make_loader(epoch: int) -> DataLoader:

@@ -53,19 +53,36 @@ from instseg_pipeline.models.registry import (
     family,
     family_of,
     register,
+    sections,
 )
 from instseg_pipeline.models.weights import WeightsError, load_weights, strip_prefix
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ContractError", "ModelFamily", "OnnxSpec", "WeightsError", "build_model",
-           "check_eval_output", "check_losses", "family", "family_of", "load_model",
+           "check_eval_output", "check_losses", "family", "family_of", "family_params", "load_model",
            "model_config", "register"]
 
 
 def _without_nulls(params: Mapping | None) -> dict:
     """``params`` less its null entries: null in the parameters means "the default"."""
     return {k: v for k, v in (params or {}).items() if v is not None}
+
+
+def family_params(model: Mapping | None, families: Mapping | None = None) -> dict:
+    """The ``params`` of `build_model` from the training parameters: the family's block
+    ``training.families.<section>`` with ``training.model`` (name, weights, input size and
+    any override) on top. Unknown keys fail with their dotted names."""
+    model = _without_nulls(model)
+    families = dict(families or {})
+    unknown = sorted(set(families) - sections())
+    if unknown:
+        raise ValueError(f"unknown model family block training.families.{unknown[0]}; "
+                         f"known: {', '.join(sorted(sections()))}")
+    entry = family(model.get("name", DEFAULT_NAME))
+    block = _without_nulls(families.get(entry.section)) if entry.section else {}
+    check_params(entry, block, where=f"training.families.{entry.section}")
+    return {**block, **model}
 
 
 def _checked_family(params: Mapping) -> ModelFamily:

@@ -75,6 +75,9 @@ class ModelFamily:
       the network's own cuts on its eval output (the ONNX parity check reads them).
     - ``resolve(params) -> dict``: the settings `model_config` saves, defaults resolved,
       JSON-friendly, without name and weights; `load_model` passes them back to ``build``.
+    - ``section``: the key under ``training.families`` that holds the family's settings
+      (shared by its sizes, e.g. ``yolact`` for ``yolact_tiny`` and
+      ``yolact_plus_resnet50_fpn``); ``training.model`` overrides any of them. Empty: none.
     """
 
     name: str
@@ -84,6 +87,7 @@ class ModelFamily:
     onnx: OnnxSpec
     postprocess_cuts: Callable[[nn.Module], dict]
     resolve: Callable[[Mapping], dict] = given_settings
+    section: str = ""
 
     def __post_init__(self):
         clash = [k for k in self.keys if k in COMMON_KEYS]

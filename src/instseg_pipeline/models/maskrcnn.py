@@ -52,6 +52,7 @@ DETECTOR_KEYS = (
 ALIASES = {"roi_batch_size_per_image": "box_batch_size_per_image"}
 BACKBONE_KEYS = ("trainable_backbone_layers", "frozen_batchnorm", "frozen_bn_eps")
 PARAMETER_KEYS = (*BACKBONE_KEYS, *DETECTOR_KEYS, *ALIASES)
+SECTION = "maskrcnn"  # training.families.maskrcnn
 
 Construct = Callable[[int, dict, dict], MaskRCNN]
 
@@ -233,7 +234,7 @@ def mask_rcnn_family(name: str, construct: Construct, max_trainable_layers: int 
     variant = MaskRCNNVariant(name, construct, max_trainable_layers, freeze_pretrained_bn)
     return ModelFamily(name=name, build=variant.build, keys=PARAMETER_KEYS,
                        loss_names=LOSS_NAMES, onnx=ONNX, postprocess_cuts=postprocess_cuts,
-                       resolve=variant.settings)
+                       resolve=variant.settings, section=SECTION)
 
 
 RESNET50_FPN = mask_rcnn_family("maskrcnn_resnet50_fpn", build_resnet50_fpn, 5)

@@ -43,6 +43,11 @@ def family(name: str) -> ModelFamily:
                          f"{sorted(FAMILIES)}") from None
 
 
+def sections() -> set[str]:
+    """The ``training.families`` keys some registered family reads."""
+    return {entry.section for entry in FAMILIES.values() if entry.section}
+
+
 def family_of(network: nn.Module) -> ModelFamily:
     """The family of a network made by `build_model` or `load_model` (DDP-wrapped or not)."""
     if isinstance(network, DistributedDataParallel):
@@ -54,10 +59,11 @@ def family_of(network: nn.Module) -> ModelFamily:
     return family(name)
 
 
-def check_params(entry: ModelFamily, params: Mapping) -> None:
-    """Refuse ``training.model`` keys that ``entry`` does not accept, naming each one."""
+def check_params(entry: ModelFamily, params: Mapping, where: str = "training.model") -> None:
+    """Refuse keys of ``params`` (the block at ``where``) that ``entry`` does not accept,
+    naming each one."""
     unknown = [k for k in params if k not in entry.parameter_keys]
     if unknown:
-        named = ", ".join(f"training.model.{k}" for k in unknown)
+        named = ", ".join(f"{where}.{k}" for k in unknown)
         raise ValueError(f"unknown model parameter {named} for {entry.name}; known: "
                          f"{', '.join(sorted(entry.parameter_keys))}")
