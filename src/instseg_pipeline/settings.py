@@ -1,8 +1,21 @@
 """Project settings: configuration loading (soft-merged environments) and hooks."""
 from kedro.config import OmegaConfigLoader
 
-from instseg_pipeline.kedro_ext.hooks import DistributedTrackingHook, MlflowRunCleanupHook
-from instseg_pipeline.kedro_ext.tracking import project_tracking_uri, untracked_pipelines
+from instseg_pipeline.kedro_ext.dvc_outputs import DvcOutputsHook
+from instseg_pipeline.kedro_ext.hooks import (
+    DistributedTrackingHook,
+    MlflowRunCleanupHook,
+    RunTagsHook,
+)
+from instseg_pipeline.kedro_ext.summary import RunSummaryHook
+from instseg_pipeline.kedro_ext.tracking import (
+    import_kedro_mlflow_quietly,
+    project_tracking_uri,
+    untracked_pipelines,
+)
+
+# Before Kedro loads the kedro-mlflow plugin, which would warn on every command.
+import_kedro_mlflow_quietly()
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -20,4 +33,5 @@ CONFIG_LOADER_ARGS = {
 
 # Project hooks run after the plugins' (kedro-mlflow's) hooks of the same name: the
 # DistributedTrackingHook relies on it (it edits the configuration kedro-mlflow has read).
-HOOKS = (MlflowRunCleanupHook(), DistributedTrackingHook())
+HOOKS = (MlflowRunCleanupHook(), DistributedTrackingHook(), DvcOutputsHook(), RunTagsHook(),
+         RunSummaryHook())

@@ -35,16 +35,18 @@ def test_selector_keeps_the_best_weights(tmp_path, monkeypatch):
     model = build_model({"name": "maskrcnn_tiny", "min_size": 48, "max_size": 64}, 2)
     selector = selection.BestModelSelector(images, instances, categories, str(tmp_path),
                                            every_epochs=2)
-    snapshots = []
+    snapshots, fired = [], []
     for epoch in range(6):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)  # the weights change every epoch
         model.train()
         # what the loop passes at an epoch end: epochs done, steps done, the unwrapped model
         selector.on_epoch_end(SimpleNamespace(epoch=epoch + 1, iteration=10 * (epoch + 1),
-                                              raw_model=model))
+                                              raw_model=model,
+                                              fire=lambda *event: fired.append(event)))
         snapshots.append(next(model.parameters()).detach().clone())
     assert [h["iteration"] for h in selector.history] == [20, 40, 60]  # every 2nd epoch
+    assert fired == [("evaluation", {"segm_mAP": v}) for v in (0.3, 0.5, 0.4)]
     assert selector.best["iteration"] == 40 and selector.best["value"] == 0.5
     best_first_param = next(iter(selector.best_state.values()))
     assert torch.equal(best_first_param, snapshots[3])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from instseg_pipeline.config_schema import ConfigError
-from instseg_pipeline.engine.config import MASK_RCNN_LOSSES, TrainingConfig
+from instseg_pipeline.engine.config import TrainingConfig
 
 DIR = {"checkpoint_dir": "data/06_models/checkpoints/x"}
 

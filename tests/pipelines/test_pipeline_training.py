@@ -49,7 +49,8 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     assert len(selection["history"]) == 1 and 0.0 <= selection["value"] <= 1.0
     history = out["training_history"]
     assert {"iteration", "loss", "lr"} <= set(history.columns) and len(history) == 4
-    assert set(out["coco_metrics"]) == {"segm", "bbox"}
+    assert set(out["coco_metrics"]) == {"segm", "bbox", "pixel"}
+    assert 0.0 <= out["coco_metrics"]["pixel"]["pixel_accuracy"] <= 1.0
     assert out["cityscapes_metrics"]["ground_truth"] == "tables"
     assert all(0.0 <= out["cityscapes_metrics"][k] <= 1.0 for k in ("AP", "AP50"))
     assert len([k for k in out["coco_metrics"]["segm"] if k.startswith(("mAP", "AR_"))]) == 12
@@ -66,7 +67,8 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     with sqlite3.connect(kedro_project / "mlflow.db") as db:
         keys = {k for (k,) in db.execute("select distinct key from metrics")}
         params = {k for (k,) in db.execute("select key from params")}
-    assert {"train/loss", "train/lr", "segm/mAP", "bbox/mAP", "cityscapes/AP"} <= keys
+    assert {"train/loss", "train/lr", "segm/mAP", "bbox/mAP", "cityscapes/AP",
+            "pixel/pixel_accuracy", "pixel/mean_mask_iou"} <= keys
     assert "training.max_iters" in params
     from mlflow.tracking import MlflowClient
 

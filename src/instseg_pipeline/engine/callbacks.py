@@ -5,14 +5,17 @@ The loop (`engine.loop`) fires named events on every rank, in this order per run
     on_train_start -> (on_step_end ... on_epoch_end)* -> on_train_end
 
 plus ``on_validation(losses)`` and ``on_checkpoint(path)``, fired by the built-in
-`ValidationLoss` and `Checkpointer` when they have run. Each method gets the `TrainState`
-(read it; only the loop moves its counters). Built-ins, in the order `train` attaches them:
-`ProgressBar`, `ValidationLoss`, the caller's callbacks, `LossLogger`, `Checkpointer`, so
-a checkpoint holds what validation and the caller's callbacks did at that step.
+`ValidationLoss` and `Checkpointer` when they have run, and ``on_evaluation(metrics)``,
+fired by an evaluating callback (model selection's AP) on the rank that evaluated. Each
+method gets the `TrainState` (read it; only the loop moves its counters). Built-ins, in the
+order `train` attaches them: `ProgressBar`, `ValidationLoss`, the caller's callbacks,
+`LossLogger`, `Checkpointer`, so a checkpoint holds what validation and the caller's
+callbacks did at that step.
 
 A plain function ``fn(event, info)`` is accepted too (`as_callback`): it sees the event name
 without ``on_`` and ``info`` = {iteration (steps done), epoch, model (unwrapped), rank, plus
-losses / lr (step_end), losses (validation) or path (checkpoint)}. For ``epoch_end`` the
+losses (the history row) / lr / images (the step's batch size on this rank) (step_end),
+losses (validation), metrics (evaluation) or path (checkpoint)}. For ``epoch_end`` the
 epoch is the index of the epoch that ended.
 """
 from __future__ import annotations
@@ -29,13 +32,15 @@ from tqdm import tqdm
 from instseg_pipeline.engine import checkpoint, distributed
 from instseg_pipeline.engine.losses import validation_loss
 from instseg_pipeline.engine.rng import capture_rng
+from instseg_pipeline.progress import format_seconds, interactive
 
 if TYPE_CHECKING:
     from instseg_pipeline.engine.loop import TrainState
 
 logger = logging.getLogger(__name__)
 
-EVENTS = ("train_start", "step_end", "epoch_end", "validation", "checkpoint", "train_end")
+EVENTS = ("train_start", "step_end", "epoch_end", "validation", "evaluation", "checkpoint",
+          "train_end")
 
 
 class Callback:
@@ -52,6 +57,9 @@ class Callback:
 
     def on_validation(self, state: TrainState, losses: dict[str, float]) -> None:
         """After a validation pass; ``losses``: mean weighted loss and components."""
+
+    def on_evaluation(self, state: TrainState, metrics: dict[str, float]) -> None:
+        """After a callback evaluated the model; ``metrics``: name -> value (e.g. segm_mAP)."""
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         """After a checkpoint was written (by rank 0) to ``path``."""
@@ -81,13 +89,17 @@ class FunctionCallback(Callback):
         self._call("train_start", state)
 
     def on_step_end(self, state: TrainState, step: dict) -> None:
-        self._call("step_end", state, epoch=step["epoch"], losses=step, lr=step["lr"])
+        self._call("step_end", state, epoch=step["epoch"], losses=step, lr=step["lr"],
+                   images=state.step_images)
 
     def on_epoch_end(self, state: TrainState) -> None:
         self._call("epoch_end", state, epoch=state.epoch - 1)
 
     def on_validation(self, state: TrainState, losses: dict[str, float]) -> None:
         self._call("validation", state, losses=losses)
+
+    def on_evaluation(self, state: TrainState, metrics: dict[str, float]) -> None:
+        self._call("evaluation", state, metrics=metrics)
 
     def on_checkpoint(self, state: TrainState, path: Path) -> None:
         self._call("checkpoint", state, path=path)
@@ -97,7 +109,9 @@ class FunctionCallback(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over max_iters on rank 0 (``progress_bar: false`` hides it)."""
+    """A tqdm bar over max_iters on rank 0 (``progress_bar: false`` hides it), in a terminal
+    only: elsewhere `LossLogger`'s lines report the progress (a redrawn bar in a log file is
+    one endless line)."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.bar = enabled, None
@@ -105,7 +119,8 @@ class ProgressBar(Callback):
     def on_train_start(self, state: TrainState) -> None:
         self.bar = tqdm(total=state.config.max_iters, initial=state.iteration, unit="it",
                         dynamic_ncols=True,
-                        disable=not (self.enabled and distributed.is_main_process()))
+                        disable=not (self.enabled and distributed.is_main_process()
+                                     and interactive()))
 
     def on_step_end(self, state: TrainState, step: dict) -> None:
         self.bar.update(1)
@@ -116,26 +131,32 @@ class ProgressBar(Callback):
 
 
 class LossLogger(Callback):
-    """Every ``every`` steps, log the mean losses of those steps and the speed (rank 0)."""
+    """Every ``every`` steps (rank 0): the mean losses of those steps, the lr, the speed
+    (images/s over all ranks, it/s) and the time left at that speed."""
 
     def __init__(self, every: int | None):
-        self.every, self.window_start = int(every or 0), time.perf_counter()
+        self.every = int(every or 0)
+        self.window_start, self.window_images = time.perf_counter(), 0
 
     def on_train_start(self, state: TrainState) -> None:
-        self.window_start = time.perf_counter()
+        self.window_start, self.window_images = time.perf_counter(), 0
 
     def on_step_end(self, state: TrainState, step: dict) -> None:
+        self.window_images += state.step_images
         if not self.every or state.iteration % self.every:
             return
         rows = state.history[-self.every:]
         now = time.perf_counter()
-        speed = len(rows) / max(now - self.window_start, 1e-9)
-        self.window_start = now
+        seconds = max(now - self.window_start, 1e-9)
+        speed, images = len(rows) / seconds, self.window_images * distributed.world_size() / seconds
+        self.window_start, self.window_images = now, 0
         means = pd.DataFrame(rows).drop(columns=["iteration", "epoch", "lr", "time", "skipped"])
         parts = " ".join(f"{k} {v:.4f}" for k, v in means.mean().items())
+        eta = (state.config.max_iters - state.iteration) / speed
         if distributed.is_main_process():
-            logger.info("iter %d/%d epoch %d %s lr %.3g %.2f it/s", state.iteration,
-                        state.config.max_iters, state.epoch, parts, rows[-1]["lr"], speed)
+            logger.info("iter %d/%d epoch %d %s lr %.3g %.2f img/s %.2f it/s ETA %s",
+                        state.iteration, state.config.max_iters, state.epoch, parts,
+                        rows[-1]["lr"], images, speed, format_seconds(eta))
 
 
 class ValidationLoss(Callback):

@@ -135,6 +135,10 @@ class TrainingConfig(Schema):
     checkpoint_every: int | None = 100      # iterations; 0/null = epoch ends only
     keep_checkpoints: int | None = 3        # newest kept; 0/null = all
     progress_bar: bool = True
+    tensorboard: bool = False               # scalars and val predictions for TensorBoard
+    tensorboard_dir: str = "data/09_tracking/tensorboard"   # + /<MLflow run id or time>
+    tensorboard_every: int = 100            # iterations between val prediction images
+    tensorboard_images: int = 4             # fixed val images drawn with their predictions
     find_unused_parameters: bool = False    # DDP option for models with unused branches
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)

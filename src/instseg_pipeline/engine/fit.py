@@ -9,6 +9,7 @@ the same model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -59,7 +60,7 @@ def _val_loader(val: InstanceDataset, config: TrainingConfig) -> DataLoader | No
 
 
 def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-              root: str, config: TrainingConfig) -> dict:
+              root: str, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
     """This process's share of `fit`, in `engine.rng.reproducible` settings (a fixed thread
     count; deterministic kernels with ``training.deterministic``), restored afterwards."""
     device = resolve_device(config.device, "training.device")
@@ -67,13 +68,13 @@ def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Data
         # the initial weights come from torch's global RNG: seed it before building the
         # model, or they depend on what this process happened to draw before
         seed_everything(config.seed)
-        return _train_here(images, instances, categories, root, config)
+        return _train_here(images, instances, categories, root, config, callbacks)
 
 
 def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                root: str, config: TrainingConfig) -> dict:
+                root: str, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
     train_set, val_set = build_datasets(images, instances, categories, root, config)
-    num_classes = len(categories) + 1
+    num_classes = len(train_set.mapping) + 1  # the thing categories and the background
     params = family_params(config.model, config.families)
     model = build_model(params, num_classes)
     check_loss_weights(config, model)
@@ -89,7 +90,7 @@ def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Da
                    multiscale=MultiScale(config.multiscale, config.seed)
                    if config.multiscale else None,
                    val_loader=_val_loader(val_set, config),
-                   callbacks=(selector,) if selector else ())
+                   callbacks=((selector,) if selector else ()) + tuple(callbacks))
     state, selection = _chosen_weights(model, result, selector)
     return {"model": {"config": identity, "state_dict": state,
                       "classes": {int(k): v for k, v in train_set.label_names.items()},
@@ -134,16 +135,18 @@ def _chosen_weights(model: torch.nn.Module, result: TrainResult,
 
 
 def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-        root: str | Path, config: TrainingConfig) -> dict:
+        root: str | Path, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
     """Train a model; returns ``{"model": {config, state_dict, classes, iterations},
     "history": DataFrame, "val_history": DataFrame, "skipped_steps": int}``.
 
     World size 1: in this process. Above 1: DDP workers on this node, and on every node the
-    result of global rank 0 (the same dict on each). Raises `distributed.WorkerFailedError`
+    result of global rank 0 (the same dict on each). ``callbacks``: extra training callbacks
+    (`engine.loop.train`), after model selection; picklable under DDP, where every worker
+    gets a copy. Raises `distributed.WorkerFailedError`
     when a worker fails or is killed, saying how to resume.
     """
     launch = config.distributed
-    args = (images, instances, categories, str(root), config)
+    args = (images, instances, categories, str(root), config, tuple(callbacks))
     world = launch.nnodes * launch.nproc_per_node
     if world <= 1:
         return _fit_here(*args)

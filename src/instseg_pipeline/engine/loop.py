@@ -101,6 +101,7 @@ class TrainState:
     batch_in_epoch: int = 0             # batches of the current epoch consumed
     epoch_batches: int = 0              # len() of the current epoch's loader
     skipped: int = 0                    # steps skipped for a non-finite loss
+    step_images: int = 0                # images in this rank's batch of the last step
     history: list[dict] = field(default_factory=list)
     val_history: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
@@ -181,6 +182,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, multiscale: Any = None
         if multiscale is not None:
             set_min_size(model, multiscale.choose(state.iteration))
         images, targets = move_batch(images, targets, state.device)
+        state.step_images = len(images)
         with torch.autocast(device_type=state.device.type, enabled=state.amp):
             loss_dict = model(images, targets)
         loss = weighted_loss(loss_dict, cfg.loss_weights)

@@ -44,7 +44,18 @@ class BestModelSelector(Callback):
         if distributed.rank() != 0 or not self.every:
             return
         if state.epoch % self.every == 0:  # state.epoch counts the epochs done
-            self.consider(state.raw_model, state.iteration, state.epoch - 1)
+            self._evaluate(state, state.epoch - 1)
+
+    def on_train_end(self, state: TrainState) -> None:
+        # the final weights are candidates too; evaluated here (not after `train`) so the
+        # other callbacks see the result as an evaluation event while the run is live
+        if distributed.rank() == 0 and self.every and (
+                not self.history or self.history[-1]["iteration"] != state.iteration):
+            self._evaluate(state, None)
+
+    def _evaluate(self, state: TrainState, epoch: int | None) -> None:
+        value = self.consider(state.raw_model, state.iteration, epoch)
+        state.fire("evaluation", {f"{self.iou_type}_mAP": value})
 
     def consider(self, model: torch.nn.Module, iteration: int, epoch: int | None) -> float:
         """Evaluate ``model`` now; keep its weights if they are the best so far."""

@@ -354,9 +354,9 @@ def evaluate_folders(gt_folder: str | Path, results_folder: str | Path,
         raise MetricInputError(f"{results_folder}: no prediction file for {len(missing)} "
                                f"ground-truth image(s), first {missing[0].name}")
     if progress:
-        from tqdm.auto import tqdm
+        from instseg_pipeline.progress import progress as log_progress
 
-        gt_files = tqdm(gt_files, desc="cityscapes AP", unit="image")
+        gt_files = log_progress(gt_files, desc="cityscapes AP", unit="image")
     return evaluate(match_files(p, predictions.get(p.name[: -len(GT_SUFFIX)]))
                     for p in gt_files)
 
@@ -394,9 +394,9 @@ def cityscapes_ap_from_tables(images, instances, categories, predictions,
     empty = predictions.iloc[:0]
     iterator = rows.itertuples(index=False)
     if progress:
-        from tqdm.auto import tqdm
+        from instseg_pipeline.progress import progress as log_progress
 
-        iterator = tqdm(iterator, total=len(rows), desc="cityscapes AP", unit="image")
+        iterator = log_progress(iterator, total=len(rows), desc="cityscapes AP", unit="image")
     matches = []
     for image in iterator:
         size = [int(image.height), int(image.width)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from kedro.framework.hooks import hook_impl
@@ -88,3 +89,60 @@ class DistributedTrackingHook:
         disabled.pipelines = sorted({*disabled.pipelines, *pipelines, *PIPELINE_NAMES})
         logger.info("node_rank %s of %s: MLflow tracking is off on this node (node_rank 0 "
                     "tracks the run)", launch.get("node_rank"), launch.get("nnodes"))
+
+
+def runner_name(runner) -> str:
+    """``SequentialRunner`` for a runner object, class, name or object repr (Kedro's run
+    parameters hold ``<kedro.runner....SequentialRunner object at 0x...>``)."""
+    if isinstance(runner, str):
+        found = re.fullmatch(r"<([\w.]+) object at 0x[0-9a-fA-F]+>", runner.strip())
+        return (found.group(1) if found else runner.strip()).rsplit(".", 1)[-1]
+    return runner.__name__ if isinstance(runner, type) else type(runner).__name__
+
+
+class RunTagsHook:
+    """Readable tags on the MLflow run of a ``kedro run``.
+
+    kedro-mlflow tags the run with Kedro's run parameters, whose ``runner`` is the runner
+    object (its repr, with a memory address); this hook, running after it, sets the class
+    name. When a pipeline loads the trained model (evaluation, export), the run is tagged
+    with the model's version, file, SHA-256 and the MLflow run that trained it.
+    """
+
+    def __init__(self):
+        self.catalog = None
+
+    @hook_impl
+    def after_catalog_created(self, catalog) -> None:
+        self.catalog = catalog
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict) -> None:
+        from instseg_pipeline.kedro_ext import tracking
+
+        if run_params.get("runner") is not None:
+            tracking.set_tags({"runner": runner_name(run_params["runner"])})
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data) -> None:
+        from instseg_pipeline.kedro_ext import tracking
+
+        if dataset_name != "model" or tracking.active_run_id() is None or not isinstance(
+                data, dict):
+            return
+        path, version = _load_path_and_version(self.catalog, dataset_name)
+        tracking.set_tags(tracking.model_identity(path, version, data))
+
+
+def _load_path_and_version(catalog, name: str) -> tuple[str | None, str | None]:
+    """The file a versioned catalog entry loaded and its version (None, None if unknown)."""
+    from kedro.io import AbstractVersionedDataset, DatasetError
+
+    dataset = catalog.get(name) if catalog is not None and hasattr(catalog, "get") else None
+    if not isinstance(dataset, AbstractVersionedDataset):
+        return None, None
+    try:
+        return str(dataset._get_load_path()), dataset.resolve_load_version()
+    except DatasetError as exc:  # no version saved: nothing to name
+        logger.debug("no load path for %s: %s", name, exc)
+        return None, None

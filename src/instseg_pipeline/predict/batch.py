@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from instseg_pipeline.data.images import load_image
 from instseg_pipeline.predict.backends import forward
 from instseg_pipeline.predict.device import resolve_device
 from instseg_pipeline.predict.postprocess import postprocess, table_rows
 from instseg_pipeline.predict.preprocess import to_tensor
+from instseg_pipeline.progress import progress as log_progress
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def predict_images(network, images: pd.DataFrame, root: str | Path,
     dev = resolve_device(device)
     network = network.to(dev).eval()
     per_image: list[list[dict]] = [[] for _ in range(len(images))]
-    progress = tqdm(total=len(images), desc="predict", unit="img", disable=None)
+    progress = log_progress(total=len(images), desc="predict", unit="img", logger=logger)
     for positions in same_size_batches(images, max(1, int(batch_size))):
         batch = images.iloc[positions]
         outputs = forward(network, [_load(row, Path(root)) for row in batch.itertuples()], dev)

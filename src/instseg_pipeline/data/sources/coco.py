@@ -50,13 +50,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 from pycocotools import mask as mask_utils
-from tqdm.auto import tqdm
 
 from instseg_pipeline.data import masks
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import SourceTables
 from instseg_pipeline.data.sources.checks import inspect_images, record_check
 from instseg_pipeline.data.tables import instances_from_columns, make_categories, make_images
+from instseg_pipeline.progress import progress
 
 if TYPE_CHECKING:
     from instseg_pipeline.data.config import SourceConfig
@@ -367,7 +367,7 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
     categories = make_categories(_category_rows(data))
     data.clear()
     converted, ann_ids = {}, {}
-    for record in tqdm(records, desc="annotations", unit="img", disable=None, leave=False):
+    for record in progress(records, desc="annotations", unit="img", leave=False, logger=logger):
         anns = by_image.pop(record["id"], None)
         if anns:
             ann_ids[record["id"]] = [ann["id"] for ann in anns]
@@ -377,8 +377,8 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
             report.drop("annotations", "image_dropped",
                         f"annotation {ann['id']}: its image {image_id} was dropped")
     del by_image
-    checks = tqdm(image_checks, total=len(records), desc="images", unit="img", disable=None,
-                  leave=False)
+    checks = progress(image_checks, total=len(records), desc="images", unit="img",
+                      leave=False, logger=logger)
     kept, columns = _assemble(records, checks, converted, ann_ids, report)
     del converted
     split = params.split

@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from instseg_pipeline.data.images import ImageProblem, read_id_map
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_bbox, rle_to_string
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import SourceTables, checks
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
+from instseg_pipeline.progress import progress as log_progress
 
 if TYPE_CHECKING:
     from instseg_pipeline.data.config import SourceConfig
@@ -78,8 +78,8 @@ def instance_row(mask: np.ndarray, instance_id: int, image_id: int, category_id:
 
 
 def progress(items: list, description: str):
-    """A tqdm bar over ``items`` that stays silent when stderr is not a terminal."""
-    return tqdm(items, desc=description, unit="img", disable=None)
+    """A bar over ``items`` in a terminal, periodic log lines elsewhere."""
+    return log_progress(items, desc=description, unit="img", logger=logger)
 
 
 def read_images(found: list[tuple[Path, str]], read_one, source: str,

@@ -29,14 +29,23 @@ def preview_augmentation(images: pd.DataFrame, instances: pd.DataFrame,
 
 def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
                 source: dict, training: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
-    """Train on the train split; weights + rebuild config, loss history, val losses."""
-    from instseg_pipeline.engine.fit import fit
+    """Train on the train split; weights + rebuild config, loss history, val losses.
 
-    result = fit(images, instances, categories, SourceConfig.from_params(source).root,
-                 TrainingConfig.from_params(training))
+    Losses, lr, speed and validation results reach MLflow while the run goes (tracking on)
+    and TensorBoard (``training.tensorboard``); the model remembers its MLflow run.
+    """
+    from instseg_pipeline.engine.fit import fit
+    from instseg_pipeline.engine.tensorboard import tensorboard_logger
+
+    config, root = TrainingConfig.from_params(training), SourceConfig.from_params(source).root
+    run_id = tracking.active_run_id()
+    callbacks = [c for c in (tracking.live_metrics(config.log_every),
+                             tensorboard_logger(config, images, root, run_id)) if c]
+    result = fit(images, instances, categories, root, config, callbacks=callbacks)
     if result["skipped_steps"]:
         logger.warning("%d steps skipped for non-finite losses", result["skipped_steps"])
-    return result["model"], result["history"], result["val_history"]
+    model = {**result["model"], "mlflow_run_id": run_id} if run_id else result["model"]
+    return model, result["history"], result["val_history"]
 
 
 def plot_training_curves(history: pd.DataFrame, val_history: pd.DataFrame):
@@ -50,8 +59,10 @@ def plot_training_curves(history: pd.DataFrame, val_history: pd.DataFrame):
 
 def track_training(model: dict, history: pd.DataFrame, val_history: pd.DataFrame,
                    training: dict) -> None:
-    """Log the loss history and the model to the active MLflow run, if tracking is on."""
-    tracking.log_history(history, prefix="train")
-    tracking.log_history(val_history, prefix="val", step_column="iteration")
+    """Log the model to the active MLflow run, if tracking is on, and the loss history
+    unless training logged it live (a run of this node alone, on a saved model)."""
+    if not tracking.has_metric("train/loss"):
+        tracking.log_history(history, prefix="train")
+        tracking.log_history(val_history, prefix="val", step_column="iteration")
     if TrainingConfig.from_params(training).log_model_to_mlflow:
         tracking.log_torch_model(model)
