@@ -19,7 +19,8 @@ def test_mistyped_key_names_its_dotted_path():
 def test_mistyped_value_names_its_dotted_path_and_the_expected_type():
     with pytest.raises(ConfigError) as info:
         SourceConfig.from_params({"type": "voc"})
-    assert str(info.value) == ("source.type: expected one of 'synthetic', 'coco', 'cityscapes', "
+    assert str(info.value) == ("source.type: expected one of 'synthetic', 'coco', 'coco_panoptic', "
+                               "'cityscapes', "
                                "'mask_folder', got 'voc'")
     with pytest.raises(ConfigError) as info:
         IngestionConfig.from_params({"val_fraction": "a fifth"})

@@ -37,7 +37,7 @@ def child(data_root: str, checkpoint_dir: str, overrides: str) -> None:
     from instseg_pipeline.engine.fit import fit
     from instseg_pipeline.pipelines.ingestion.nodes import ingest_source, split_images
 
-    images, instances, categories, _ = ingest_source({**SOURCE, "root": data_root})
+    images, instances, categories, _, _ = ingest_source({**SOURCE, "root": data_root})
     images = split_images(images, {"val_fraction": 0.25, "split_seed": 0})
     params = {**TRAINING, **json.loads(overrides), "checkpoint_dir": checkpoint_dir}
     out = fit(images, instances, categories, data_root, TrainingConfig.from_params(params))

@@ -37,7 +37,7 @@ def overfit_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame
     """images (all ``train``), instances, categories of four synthetic images under root."""
     source = {"type": "synthetic", "root": str(root), "synthetic": dict(SYNTHETIC)}
     generate_synthetic_data(source)
-    images, instances, categories, _ = ingest_source(source)
+    images, instances, categories, _, _ = ingest_source(source)
     return images.assign(split="train"), instances, categories
 
 

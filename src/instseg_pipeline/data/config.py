@@ -37,13 +37,14 @@ class SourceConfig(Schema):
     """Everything under ``source:``; which reader runs and where it reads.
 
     Every source: type, root, split, verify_images, max_image_pixels, on_invalid, workers.
-    coco: annotations, images. cityscapes: splits. mask_folder: images, masks, mask_suffix,
+    coco: annotations, images. coco_panoptic: annotations (the panoptic json), masks (its PNG
+    folder), images. cityscapes: splits. mask_folder: images, masks, mask_suffix,
     mask_ext, image_glob, class_name, class_map, class_map_file. synthetic: synthetic.
     """
 
     BLOCK = "source"
 
-    type: Literal["synthetic", "coco", "cityscapes", "mask_folder"] = "synthetic"
+    type: Literal["synthetic", "coco", "coco_panoptic", "cityscapes", "mask_folder"] = "synthetic"
     root: str = "data/01_raw/synthetic"
     annotations: str = "annotations.json"   # COCO json, relative to root
     images: str = "images"                  # image folder, relative to root
@@ -54,7 +55,7 @@ class SourceConfig(Schema):
     workers: int | None = None              # image-check processes; null = per CPU count
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     splits: str | tuple[str, ...] = ("train", "val")      # cityscapes folders read
-    masks: str = "masks"                    # mask_folder: mask folder, relative to root
+    masks: str = "masks"                    # mask_folder / coco_panoptic PNGs, under root
     mask_suffix: str = ""
     mask_ext: str = ".png"
     image_glob: str | tuple[str, ...] = ("*.png", "*.jpg", "*.jpeg")

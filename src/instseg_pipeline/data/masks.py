@@ -457,3 +457,16 @@ def decode_strings(counts: list[str], height: int, width: int) -> np.ndarray:
         return np.zeros((0, height, width), dtype=np.uint8)
     rles = [string_to_rle(c, height, width) for c in counts]
     return np.ascontiguousarray(np.transpose(mask_utils.decode(rles), (2, 0, 1)))
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """int32 [H, W] segment ids of a uint8 [H, W, 3] COCO panoptic PNG: R + 256 G + 256^2 B
+    (0 = void)."""
+    rgb = rgb.astype(np.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] colour image of an integer [H, W] id map (ids below 256**3)."""
+    ids = id_map.astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)

@@ -2,26 +2,34 @@
 
 - ``images``: image_id, file_name (relative to the source root), width, height, split, source
 - ``instances``: instance_id, image_id, category_id, bbox (COCO x, y, w, h), area, iscrowd,
-  rle (compressed COCO RLE counts string of the full-size mask; its size is the image's)
-- ``categories``: category_id, name, supercategory, isthing
+  rle (compressed COCO RLE counts string of the full-size mask; its size is the image's),
+  annotation_id (the source's own id of the object: a COCO annotation id, a panoptic PNG
+  segment id; the instance_id where the source has none)
+- ``stuff_segments`` (panoptic sources; empty for the others): the same columns, one row
+  per stuff segment (amorphous regions: sky, road), categories with ``isthing`` false
+- ``categories``: category_id, name, supercategory, isthing (models learn the things only)
 
 Nothing here imports torch: ingestion and evaluation stay fast to start.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "split", "source"]
-INSTANCE_COLUMNS = ["instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle"]
+INSTANCE_COLUMNS = ["instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle",
+                    "annotation_id"]
 CATEGORY_COLUMNS = ["category_id", "name", "supercategory", "isthing"]
 
 _IMAGE_DTYPES = {"image_id": "int64", "file_name": "string", "width": "int64",
                  "height": "int64", "split": "string", "source": "string"}
 _INSTANCE_DTYPES = {"instance_id": "int64", "image_id": "int64", "category_id": "int64",
-                    "area": "int64", "iscrowd": "bool", "rle": "string"}
+                    "area": "int64", "iscrowd": "bool", "rle": "string",
+                    "annotation_id": "int64"}
 _CATEGORY_DTYPES = {"category_id": "int64", "name": "string", "supercategory": "string",
                     "isthing": "bool"}
 
@@ -40,16 +48,25 @@ def make_images(rows: Iterable[Mapping]) -> pd.DataFrame:
     return _frame(rows, IMAGE_COLUMNS, _IMAGE_DTYPES)
 
 
+def _own_ids(rows: Iterable[Mapping]) -> list[Mapping]:
+    """Rows with ``annotation_id``: the instance_id where a source gives none."""
+    return [row if row.get("annotation_id") is not None
+            else {**row, "annotation_id": row["instance_id"]} for row in rows]
+
+
 def make_instances(rows: Iterable[Mapping]) -> pd.DataFrame:
-    """Build the ``instances`` table; ``bbox`` is a list of four floats per row."""
-    frame = _frame(rows, INSTANCE_COLUMNS, _INSTANCE_DTYPES)
+    """Build the ``instances`` (or ``stuff_segments``) table; ``bbox`` is a list of four
+    floats per row; ``annotation_id`` defaults to the instance_id."""
+    frame = _frame(_own_ids(rows), INSTANCE_COLUMNS, _INSTANCE_DTYPES)
     frame["bbox"] = [[float(v) for v in box] for box in frame["bbox"]]
     return frame
 
 
 def instances_from_columns(columns: Mapping[str, list]) -> pd.DataFrame:
     """The ``instances`` table from ``{column: list}`` (faster than rows for large sources);
-    ``bbox`` lists are taken as they are when already four floats each."""
+    ``bbox`` lists are taken as they are when already four floats each; ``annotation_id``
+    defaults to the instance_id."""
+    columns = {"annotation_id": columns["instance_id"], **columns}
     frame = pd.DataFrame({name: columns[name] for name in INSTANCE_COLUMNS}).astype(
         _INSTANCE_DTYPES)
     boxes = frame["bbox"].tolist()
@@ -65,33 +82,50 @@ def make_categories(rows: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def check_tables(images: pd.DataFrame, instances: pd.DataFrame,
-                 categories: pd.DataFrame) -> None:
-    """Raise `TableContractError` when the three tables do not fit together."""
+                 categories: pd.DataFrame, stuff_segments: pd.DataFrame | None = None) -> None:
+    """Raise `TableContractError` when the tables do not fit together."""
+    segments = [("instances", instances)]
+    if stuff_segments is not None:
+        segments.append(("stuff_segments", stuff_segments))
     for name, frame, columns in (("images", images, IMAGE_COLUMNS),
-                                 ("instances", instances, INSTANCE_COLUMNS),
+                                 *((n, f, INSTANCE_COLUMNS) for n, f in segments),
                                  ("categories", categories, CATEGORY_COLUMNS)):
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise TableContractError(f"table '{name}' lacks columns {missing}")
     for name, frame, key in (("images", images, "image_id"),
-                             ("instances", instances, "instance_id"),
+                             *((n, f, "instance_id") for n, f in segments),
                              ("categories", categories, "category_id")):
         dupes = frame[key][frame[key].duplicated()].unique().tolist()
         if dupes:
             raise TableContractError(f"table '{name}' has duplicate {key}s {dupes[:10]}")
-    dangling = ~instances["image_id"].isin(images["image_id"])
+    for name, frame in segments:
+        _check_references(name, frame, images, categories)
+
+
+def _check_references(name: str, frame: pd.DataFrame, images: pd.DataFrame,
+                      categories: pd.DataFrame) -> None:
+    dangling = ~frame["image_id"].isin(images["image_id"])
     if dangling.any():
-        bad = instances.loc[dangling, "instance_id"].tolist()[:10]
-        raise TableContractError(f"instances {bad} refer to image ids not in 'images'")
-    unknown = ~instances["category_id"].isin(categories["category_id"])
+        bad = frame.loc[dangling, "instance_id"].tolist()[:10]
+        raise TableContractError(f"{name} {bad} refer to image ids not in 'images'")
+    unknown = ~frame["category_id"].isin(categories["category_id"])
     if unknown.any():
-        bad = instances.loc[unknown, "instance_id"].tolist()[:10]
-        raise TableContractError(f"instances {bad} refer to category ids not in 'categories'")
+        bad = frame.loc[unknown, "instance_id"].tolist()[:10]
+        raise TableContractError(f"{name} {bad} refer to category ids not in 'categories'")
+
+
+def thing_categories(categories: pd.DataFrame) -> pd.DataFrame:
+    """The categories instance models learn (``isthing``; stuff is for panoptic heads)."""
+    if "isthing" not in categories.columns:
+        return categories
+    return categories[categories["isthing"].astype(bool)]
 
 
 def label_mapping(categories: pd.DataFrame) -> dict[int, int]:
-    """Contiguous model labels 1..K for (possibly non-contiguous) category ids; 0 = background."""
-    ids = sorted(int(c) for c in categories["category_id"])
+    """Contiguous model labels 1..K for the (possibly non-contiguous) ids of the thing
+    categories; 0 = background."""
+    ids = sorted(int(c) for c in thing_categories(categories)["category_id"])
     return {cat: label for label, cat in enumerate(ids, start=1)}
 
 
@@ -134,7 +168,9 @@ def tables_to_coco(images: pd.DataFrame, instances: pd.DataFrame,
 
     coco = COCO()
     coco.dataset = tables_to_coco_dict(images, instances, categories, split)
-    coco.createIndex()
+    # pycocotools prints "creating index..." to stdout; a CLI's stdout must stay pure output
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
     return coco
 
 

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from instseg_pipeline.data.masks import decode_strings
+from instseg_pipeline.data.masks import decode_strings, id_to_rgb, rgb_to_id
 from instseg_pipeline.evaluation import MetricInputError
+from instseg_pipeline.progress import progress
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,18 +74,6 @@ class CategoryStats:
 
 
 # ---------------------------------------------------------------- PNG <-> id map
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """int32 [H, W] segment ids of a uint8 [H, W, 3] COCO panoptic colour image."""
-    rgb = rgb.astype(np.int32)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(id_map: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] colour image of an integer [H, W] id map (ids below 256**3)."""
-    ids = id_map.astype(np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-
-
 def read_id_map(path: str | Path) -> np.ndarray:
     """int32 [H, W] ids of a panoptic PNG; `MetricInputError` naming the file otherwise."""
     try:
@@ -280,7 +268,8 @@ def _progress(samples: Iterable[PanopticSample], total: int | None) -> Iterable:
     if total is None and isinstance(samples, Sequence):
         total = len(samples)
     quiet = total is not None and total <= _PROGRESS_MIN_IMAGES
-    return tqdm(samples, total=total, disable=quiet, desc="panoptic quality", unit="image")
+    return progress(samples, total=total, disable=quiet, desc="panoptic quality",
+                    unit="image", logger=logger)
 
 
 def pq_from_arrays(samples: Iterable[PanopticSample], categories: Iterable[Mapping],

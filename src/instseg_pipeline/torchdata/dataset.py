@@ -121,7 +121,8 @@ class InstanceDataset(Dataset):
         self.epoch = 0
         self.mapping = label_mapping(categories)
         self.label_names = {self.mapping[int(c)]: str(n) for c, n in
-                            zip(categories["category_id"], categories["name"])}
+                            zip(categories["category_id"], categories["name"])
+                            if int(c) in self.mapping}
         crowd = instances["iscrowd"].astype(bool)
         self._instances = self._group_instances(instances[~crowd])
         logger.info("dataset split=%s: %d images, %d instances (%d crowd regions left out)",

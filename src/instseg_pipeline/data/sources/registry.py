@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SOURCE_TYPES = ("synthetic", "coco", "cityscapes", "mask_folder")
+SOURCE_TYPES = ("synthetic", "coco", "coco_panoptic", "cityscapes", "mask_folder")
 
 
 def read_source(params: SourceConfig, report: QualityReport) -> SourceTables:

@@ -15,16 +15,21 @@ from instseg_pipeline.data.tables import check_tables
 logger = logging.getLogger(__name__)
 
 
-def ingest_source(source: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Read the configured source into the three tables and a data-quality report."""
+def ingest_source(source: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame,
+                                         pd.DataFrame, dict]:
+    """Read the configured source into the canonical tables (stuff segments: panoptic
+    sources only, empty otherwise) and a data-quality report."""
     config = SourceConfig.from_params(source)
     report = QualityReport(config.type, config.on_invalid)
     tables = read_source(config, report)
-    check_tables(tables.images, tables.instances, tables.categories)
+    check_tables(tables.images, tables.instances, tables.categories, tables.stuff_segments)
     summary = report.summary(tables.images, tables.instances)
-    logger.info("ingested %d images, %d instances (%d crowd) from %s", summary["images"],
-                summary["instances"], summary["crowd_instances"], config.type)
-    return tables.images, tables.instances, tables.categories, summary
+    summary["stuff_segments"] = len(tables.stuff_segments)
+    logger.info("ingested %d images, %d instances (%d crowd), %d stuff segments from %s",
+                summary["images"], summary["instances"], summary["crowd_instances"],
+                len(tables.stuff_segments), config.type)
+    return (tables.images, tables.instances, tables.categories, tables.stuff_segments,
+            summary)
 
 
 def split_images(images: pd.DataFrame, ingestion: dict) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""Raw source -> images / instances / categories, a quality report and statistics."""
+"""Raw source -> images / instances / categories (+ stuff_segments of panoptic sources), a
+quality report and statistics."""
 from kedro.pipeline import Node, Pipeline
 
 from .nodes import compute_dataset_statistics, ingest_source, plot_dataset_statistics, split_images
@@ -7,7 +8,8 @@ from .nodes import compute_dataset_statistics, ingest_source, plot_dataset_stati
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
         Node(ingest_source, "params:source",
-             ["unsplit_images", "instances", "categories", "data_quality_report"],
+             ["unsplit_images", "instances", "categories", "stuff_segments",
+              "data_quality_report"],
              name="ingest_source"),
         Node(split_images, ["unsplit_images", "params:ingestion"], "images",
              name="split_images"),
