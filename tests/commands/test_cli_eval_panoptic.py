@@ -45,7 +45,7 @@ def _args(paths: dict[str, Path]) -> list[str]:
 
 
 def test_prints_three_groups_of_fractions(files):
-    done = _eval(*_args(files))
+    done = _eval(*_args(files), "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) == {"all", "things", "stuff"}
@@ -77,3 +77,17 @@ def test_missing_png_exits_2_naming_it(files):
     done = _eval(*_args(files))
     assert done.returncode == 2
     assert str(name) in done.stderr
+
+
+def test_table_by_default_shows_pq_sq_rq_per_group(files):
+    done = _eval(*_args(files))
+    assert done.returncode == 0, done.stderr
+    expected = pq_from_files(*files.values())
+    lines = done.stdout.splitlines()
+    assert lines[0] == "Panoptic quality"
+    assert lines[1].split() == ["group", "PQ", "SQ", "RQ", "n"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert list(rows) == ["all", "things", "stuff"]
+    for group, values in expected.items():
+        assert rows[group] == [f"{values[k]:.4f}" for k in ("pq", "sq", "rq")] \
+            + [str(values["n"])]

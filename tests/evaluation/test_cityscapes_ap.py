@@ -220,7 +220,7 @@ def test_bad_inputs_name_the_file(tmp_path):
 def test_command_prints_json_and_fails_clearly(tmp_path):
     gt_root, results = write_dataset(tmp_path, n_images=3, seed=4)
     command = [sys.executable, "-m", "instseg_pipeline.commands.evaluate", "cityscapes",
-               "--gt-folder", str(gt_root), "--results", str(results)]
+               "--json", "--gt-folder", str(gt_root), "--results", str(results)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)

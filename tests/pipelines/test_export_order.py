@@ -55,7 +55,7 @@ def test_a_failing_export_leaves_the_metrics_saved(kedro_project, monkeypatch, c
         catalog = session.load_context().catalog
     assert "exporting after evaluation (metrics saved: segm mAP" in caplog.text
     metrics = catalog.load("coco_metrics")
-    assert set(metrics) == {"segm", "bbox"} and metrics["segm"]["mAP"] <= 0.0
+    assert set(metrics) == {"segm", "bbox", "pixel"} and metrics["segm"]["mAP"] <= 0.0
     assert set(catalog.load("pq_metrics")) >= {"all", "things"}
     assert catalog.load("cityscapes_metrics")["ground_truth"] == "tables"
     assert catalog.load("predictions").empty

@@ -33,16 +33,6 @@ TINY = {"source": {"synthetic": {"num_images": 8, "min_size": 64, "max_size": 96
 # arguments and returns the latest saved PNG (preview_args would break it). What the build
 # needs is below; each entry's kedro-viz block replaces the one in conf/base/catalog.yml.
 VIZ_METADATA = """
-instances:
-  metadata:
-    kedro-viz:
-      layer: primary
-      preview: false  # the bbox column holds arrays, which Kedro-Viz cannot serialise
-predictions:
-  metadata:
-    kedro-viz:
-      layer: model_output
-      preview: false  # the bbox column holds arrays, which Kedro-Viz cannot serialise
 data_quality_report:
   metadata:
     kedro-viz:
@@ -109,7 +99,7 @@ def test_build_writes_the_static_site(site):
 
 def test_every_dataset_sits_on_its_catalog_layer(site):
     nodes = _data_nodes(site["main"])
-    expected = {"images", "instances", "categories", "data_quality_report",
+    expected = {"images", "instances", "categories", "stuff_segments", "data_quality_report",
                 "dataset_statistics", "dataset_statistics_plot", "model", "training_history",
                 "validation_history", "training_curves", "predictions", "coco_metrics",
                 "pq_metrics", "cityscapes_metrics", "matched_mask_ious"}
@@ -141,7 +131,9 @@ def test_tables_and_reports_are_previewed(site):
     report = _node_details(site, "data_quality_report")
     assert report["preview_type"] == "JSONPreview"
     assert json.loads(report["preview"])["images"] == TINY["source"]["synthetic"]["num_images"]
-    assert _node_details(site, "instances").get("preview") is None  # switched off
+    instances = _node_details(site, "instances")  # a picture of the masks, not a table
+    assert instances["preview_type"] == "ImagePreview"
+    assert base64.b64decode(instances["preview"]).startswith(b"\x89PNG")
 
 
 def test_preview_args_fit_each_datasets_preview_signature(site):

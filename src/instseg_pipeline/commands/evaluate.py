@@ -1,4 +1,8 @@
-"""`instseg-eval`: COCO AP, panoptic quality and Cityscapes AP from files, printed as one JSON object."""
+"""`instseg-eval`: COCO AP, panoptic quality and Cityscapes AP from files.
+
+Prints a readable table by default and one JSON object with ``--json``. Imports no torch,
+mlflow or Kedro: the metrics modules it loads are numpy / pycocotools only.
+"""
 from __future__ import annotations
 
 import argparse
@@ -15,11 +19,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="instseg-eval",
         description="Evaluate instance segmentation results the way papers do. "
-                    "Prints one JSON object on stdout; errors go to stderr with exit code 2.")
+                    "Prints a table on stdout (one JSON object with --json); errors go to "
+                    "stderr with exit code 2.")
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true",
+                           help="print one JSON object instead of the table")
     commands = parser.add_subparsers(dest="command", required=True)
 
     coco = commands.add_parser(
-        "coco", help="COCO AP/AR (12 standard numbers) of a results json against a GT json.",
+        "coco", parents=[json_flag], help="COCO AP/AR (12 standard numbers) of a results json against a GT json.",
         description="COCO evaluation of detection (bbox) or segmentation (segm) results. "
                     "Prints mAP, mAP_50, mAP_75, mAP_small, mAP_medium, mAP_large, AR_1, "
                     "AR_10, AR_100, AR_small, AR_medium, AR_large.")
@@ -35,7 +43,7 @@ def _build_parser() -> argparse.ArgumentParser:
                            "numbers faster (default: %(default)s)")
 
     pan = commands.add_parser(
-        "panoptic", help="Panoptic quality PQ/SQ/RQ from COCO panoptic json + PNG folders.",
+        "panoptic", parents=[json_flag], help="Panoptic quality PQ/SQ/RQ from COCO panoptic json + PNG folders.",
         description="Panoptic quality with the COCO panoptic task's rules (IoU > 0.5 "
                     "matching, void and crowd handling). Prints {all, things, stuff} with "
                     "pq, sq, rq (fractions in [0, 1]) and n (number of categories).")
@@ -45,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pan.add_argument("--pred-folder", required=True, help="folder of prediction PNGs")
 
     city = commands.add_parser(
-        "cityscapes", help="Cityscapes instance-level AP and AP50 (official rules).",
+        "cityscapes", parents=[json_flag], help="Cityscapes instance-level AP and AP50 (official rules).",
         description="Cityscapes instance-level AP over IoU 0.5:0.95 and AP at 0.5 for the 8 "
                     "evaluated classes: ground-truth regions under 100 px and group regions "
                     "are ignored, as are predictions mostly on void. Prints AP, AP50 and "
@@ -84,9 +92,71 @@ def main(argv: list[str] | None = None) -> int:
     except MetricInputError as exc:
         print(f"instseg-eval {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(TABLES[args.command](result, args) + "\n")
     return 0
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+# what each of the 12 COCO stats averages over, in pycocotools' summary order
+COCO_STATS = (("mAP", "AP", "0.50:0.95", "all", 100), ("mAP_50", "AP", "0.50", "all", 100),
+              ("mAP_75", "AP", "0.75", "all", 100),
+              ("mAP_small", "AP", "0.50:0.95", "small", 100),
+              ("mAP_medium", "AP", "0.50:0.95", "medium", 100),
+              ("mAP_large", "AP", "0.50:0.95", "large", 100),
+              ("AR_1", "AR", "0.50:0.95", "all", 1), ("AR_10", "AR", "0.50:0.95", "all", 10),
+              ("AR_100", "AR", "0.50:0.95", "all", 100),
+              ("AR_small", "AR", "0.50:0.95", "small", 100),
+              ("AR_medium", "AR", "0.50:0.95", "medium", 100),
+              ("AR_large", "AR", "0.50:0.95", "large", 100))
+MISSING = "n/a"  # pycocotools' -1 (no ground truth in that area range) and Cityscapes' null
+
+
+def _number(value) -> str:
+    return MISSING if value is None or value < 0 else f"{value:.4f}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Text columns under a header rule: names left-aligned, numbers right-aligned."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def coco_table(stats: dict, args: argparse.Namespace) -> str:
+    """The 12 stats of one IoU type, each with the IoU range, area range and max detections."""
+    rows = [[name, kind, iou, area, str(dets), _number(stats[name])]
+            for name, kind, iou, area, dets in COCO_STATS]
+    title = f"COCO {args.iou_type} ({'mask' if args.iou_type == 'segm' else 'box'} IoU)"
+    return title + "\n" + format_table(["stat", "kind", "IoU", "area", "maxDets", "value"],
+                                        rows)
+
+
+def panoptic_table(result: dict, args: argparse.Namespace) -> str:
+    """PQ, SQ and RQ (fractions) per group: all, things, stuff; n = number of categories."""
+    rows = [[group, _number(values["pq"]), _number(values["sq"]), _number(values["rq"]),
+             str(values["n"])] for group, values in result.items()]
+    return "Panoptic quality\n" + format_table(["group", "PQ", "SQ", "RQ", "n"], rows)
+
+
+def cityscapes_table(result: dict, args: argparse.Namespace) -> str:
+    """AP and AP50 per evaluated class, then the mean over classes."""
+    rows = [[c["name"], _number(c["AP"]), _number(c["AP50"])] for c in result["per_class"]]
+    rows.append(["mean", _number(result["AP"]), _number(result["AP50"])])
+    return (f"Cityscapes instance AP ({result['images']} images)\n"
+            + format_table(["class", "AP", "AP50"], rows))
+
+
+TABLES = {"coco": coco_table, "panoptic": panoptic_table, "cityscapes": cityscapes_table}
 
 
 if __name__ == "__main__":

@@ -73,19 +73,13 @@ def image_ids(paths: list[Path]) -> list[int]:
 
 
 def overlay(image: np.ndarray, found, classes: dict) -> np.ndarray:
-    """uint8 [H, W, 3] RGB: ``image`` with `Detections` masks tinted, outlined and named."""
-    from instseg_pipeline.viz.overlays import _COLORS, overlay_masks
+    """uint8 [H, W, 3] RGB: ``image`` with `Detections` masks tinted, outlined and named
+    (text and lines sized to the image, `viz.overlays.label_style`)."""
+    from instseg_pipeline.viz.overlays import draw_labelled
 
-    picture = (overlay_masks(image / 255.0, found.masks) * 255).clip(0, 255).astype(np.uint8)
-    for k, (mask, box, label, score) in enumerate(zip(found.masks, found.boxes, found.labels,
-                                                      found.scores)):
-        color = tuple(int(c * 255) for c in _COLORS[k % len(_COLORS)])
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, color, 1)
-        text = f"{classes.get(int(label), label)} {score:.2f}"
-        cv2.putText(picture, text, (int(box[0]), max(10, int(box[1]) - 2)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.35, color, 1, cv2.LINE_AA)
-    return picture
+    captions = [f"{classes.get(int(label), label)} {score:.2f}"
+                for label, score in zip(found.labels, found.scores)]
+    return draw_labelled(image, found.masks, found.boxes, captions)
 
 
 def coco_results(instances: list[dict], image_id: int, category_ids: dict) -> list[dict]:
@@ -104,16 +98,18 @@ def _overlay_path(folder: Path, path: Path, image_id: int, used: set) -> Path:
 def predict_files(predictor, paths: list[Path], out: Path, score_threshold: float,
                   mask_threshold: float, category_ids: dict | None = None) -> dict:
     """Segment ``paths``; write overlays, predictions.json and images.json into ``out``."""
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from instseg_pipeline.data.images import ImageProblem, load_image
+    from instseg_pipeline.progress import progress
 
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     results, images, failed, used = [], [], [], set()
     with logging_redirect_tqdm():
-        for path, image_id in tqdm(list(zip(paths, image_ids(paths))), unit="image",
-                                   disable=len(paths) < 2, desc="segmenting"):
+        # a bar in a terminal, log lines when piped
+        for path, image_id in progress(list(zip(paths, image_ids(paths))), unit="image",
+                                       disable=len(paths) < 2, desc="segmenting",
+                                       logger=logger):
             try:
                 image, _ = load_image(path)
             except ImageProblem as exc:

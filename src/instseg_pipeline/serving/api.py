@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from instseg_pipeline.data.images import ImageProblem
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_to_string
 from instseg_pipeline.predict.predictor import Predictor, decode_upload, load_predictor
+from instseg_pipeline.serving.docs import add_docs
 from instseg_pipeline.serving.interactive import (
     MAX_PROMPT_POINTS,
     InteractiveResult,
@@ -410,7 +411,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         yield
         app.state.service.executor.shutdown(wait=False, cancel_futures=True)
 
+    # docs_url/redoc_url off: FastAPI's own pages load Swagger UI / ReDoc from a CDN and stay
+    # blank offline; /docs is served from the packaged assets instead (serving/docs.py)
     app = FastAPI(title="instseg-pipeline", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Instance segmentation of uploaded images with the project's "
                               "trained Mask R-CNN (torch or ONNX Runtime), plus prompt-based "
                               "(click / box) segmentation.")
@@ -418,6 +422,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app.add_middleware(QueueLimitMiddleware, max_queue=settings.max_queue)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     _add_routes(app)
+    add_docs(app)
     return app
 
 

@@ -10,6 +10,7 @@ from instseg_pipeline.data.config import SourceConfig
 from instseg_pipeline.data.tables import label_mapping
 from instseg_pipeline.evaluation import metrics as evaluation
 from instseg_pipeline.evaluation.config import EvaluationConfig
+from instseg_pipeline.evaluation.pixels import pixel_metrics
 from instseg_pipeline.kedro_ext import tracking
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,14 @@ def predict(model: dict, images: pd.DataFrame, categories: pd.DataFrame, source:
 def compute_coco_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                          categories: pd.DataFrame, predictions: pd.DataFrame,
                          params: dict) -> tuple[dict, dict]:
-    """Mask and box AP (12 COCO stats each, per-class AP) and the PR arrays for plots."""
+    """Mask and box AP (12 COCO stats each, per-class AP) and the PR arrays for plots;
+    ``pixel``: pixel accuracy and mean mask IoU at ``match_score_threshold``
+    (`evaluation.pixels.pixel_metrics` says what each means)."""
     config = EvaluationConfig.from_params(params)
     result = evaluation.coco_metrics(images, instances, categories, predictions,
                                      config.split, config.iou_types, config.backend)
+    result["metrics"]["pixel"] = pixel_metrics(images, instances, predictions, config.split,
+                                               score_threshold=config.match_score_threshold)
     tracking.log_metrics({f"{t}/{k}": v for t, stats in result["metrics"].items()
                           for k, v in stats.items() if isinstance(v, float)})
     return result["metrics"], result["arrays"]
@@ -53,7 +58,8 @@ def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                                          config.split, score_threshold=panoptic.score_threshold,
                                          overlap_threshold=panoptic.overlap_threshold,
                                          min_area=panoptic.min_area)
-    tracking.log_metrics({f"pq/{group}": result[group]["pq"] for group in ("all", "things")})
+    tracking.log_metrics({f"{name}/{group}": result[group][name] for group in ("all", "things")
+                          for name in ("pq", "sq", "rq")})
     return result
 
 
