@@ -12,12 +12,16 @@ from instseg_pipeline.models import (
     check_eval_output,
     check_losses,
     family,
+    family_params,
 )
 from instseg_pipeline.models.registry import FAMILIES
 
-# few proposals and sampled RoIs keep the ResNet-50 families at about a second a pass
-SMALL = {"min_size": 64, "max_size": 96, "rpn_post_nms_top_n_train": 64,
-         "rpn_post_nms_top_n_test": 32, "box_batch_size_per_image": 16}
+SMALL = {"min_size": 64, "max_size": 96}
+# few proposals and sampled RoIs keep the ResNet-50 Mask R-CNNs at about a second a pass;
+# coarser SOLOv2 grids: its grid heads cost the same at any image size
+FAMILY_BLOCKS = {"maskrcnn": {"rpn_post_nms_top_n_train": 64, "rpn_post_nms_top_n_test": 32,
+                              "box_batch_size_per_image": 16},
+                 "solov2": {"num_grids": [12, 10, 8, 6, 4]}}
 SIZES = [(72, 88), (96, 60)]
 MASK_RCNN_FAMILIES = {"maskrcnn_tiny", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
                       "maskrcnn_mobilenet_v3_large_fpn"}
@@ -44,7 +48,8 @@ def _blank(height: int, width: int) -> tuple[torch.Tensor, dict]:
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def network(request):
     torch.manual_seed(0)
-    return request.param, build_model({"name": request.param, **SMALL}, num_classes=3)
+    params = family_params({"name": request.param, **SMALL}, FAMILY_BLOCKS)
+    return request.param, build_model(params, num_classes=3)
 
 
 def test_every_mask_rcnn_variant_is_registered():

@@ -13,6 +13,12 @@ dataset category id, identity when absent) optional; a file whose digest differs
 refused. ``input`` and ``outputs`` state the graph's contract (`INPUT_POLICY`,
 `OUTPUT_LAYOUT`).
 
+A model of a family that cannot be exported (``OnnxSpec(exportable=False)``) gets a
+manifest without a graph (`torch_only_manifest`): ``"exported": false``, the ``reason`` and
+the ``family``, and no ``.onnx`` file beside it; `not_exported_reason` reads it, and the
+predictor then serves the trained model with torch. A manifest without ``exported`` is one
+of an exported graph.
+
 Reading a manifest needs neither torch, onnx nor Kedro: the server and the catalog dataset
 import this module alone (`library_versions` imports what it reports, when called).
 """
@@ -82,6 +88,23 @@ def build_manifest(onnx_path: Path, opset: int, example_size: tuple[int, int],
             "opset": int(opset), "config": dict(config or {}), "exporter": exporter,
             "example_size": [int(s) for s in example_size], "input": INPUT_POLICY,
             "outputs": OUTPUT_LAYOUT, "versions": library_versions(), **extra}
+
+
+def torch_only_manifest(family: str, reason: str, classes: Mapping | None,
+                        config: Mapping | None, **extra) -> dict:
+    """The manifest of a model whose family cannot be exported: no graph, the reason."""
+    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "exported": False,
+            "family": family, "reason": reason, "onnx_file": None,
+            "classes": {str(int(k)): str(v) for k, v in (classes or {}).items()},
+            "config": dict(config or {}), **extra}
+
+
+def not_exported_reason(manifest: Mapping) -> str | None:
+    """Why the manifest's model has no ONNX graph (a torch-only family), or None."""
+    if manifest.get("exported", True) is not False:
+        return None
+    return (f"model family {manifest.get('family', '?')} is not exportable to ONNX: "
+            f"{manifest.get('reason') or 'no reason given'}")
 
 
 def write_manifest(manifest: Mapping, path: str | Path) -> Path:

@@ -128,6 +128,10 @@ def export_onnx(network, path: str | Path, opset: int = DEFAULT_OPSET,
     path.parent.mkdir(parents=True, exist_ok=True)
     network = network.eval().cpu()
     spec = onnx_spec(network)  # a family that cannot be exported says why before any work
+    if int(opset) < spec.min_opset:
+        logger.info("export: opset %s raised to %d, the lowest that holds this family's ops "
+                    "(%s)", opset, spec.min_opset, spec.note)
+        opset = spec.min_opset
     tensor, found = _example(network, example, example_size)
     started = time.perf_counter()
     _trace_to_onnx(network, tensor, path, opset, exact_resize)

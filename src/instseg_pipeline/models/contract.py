@@ -45,13 +45,15 @@ class OnnxSpec:
     ``note`` says how it is traced, or why it cannot be. ``tracing(network)`` is a context
     manager the exporter enters around ``torch.onnx.export`` (family-specific fixes that
     leave eager results unchanged). ``exporter``: "torchscript" (``dynamo=False``) or
-    "dynamo".
+    "dynamo". ``min_opset``: the lowest ONNX opset its ops exist in; a lower requested
+    opset is raised to it (e.g. DeformConv, opset 19).
     """
 
     exportable: bool
     note: str
     tracing: Callable[[nn.Module], AbstractContextManager] = no_tracing_hook
     exporter: str = "torchscript"
+    min_opset: int = 0
 
     def __post_init__(self):
         if not self.note:

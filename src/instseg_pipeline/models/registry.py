@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from instseg_pipeline.models import maskrcnn, tiny
+from instseg_pipeline.models import maskrcnn, simpleseg, solov2, tiny, yolact
 from instseg_pipeline.models.contract import ModelFamily
 
 DEFAULT_NAME = "maskrcnn_tiny"
@@ -23,6 +23,9 @@ FAMILIES: dict[str, ModelFamily] = {entry.name: entry for entry in (
     maskrcnn.RESNET50_FPN,
     maskrcnn.RESNET50_FPN_V2,
     maskrcnn.MOBILENET_V3_LARGE_FPN,
+    *yolact.FAMILIES,
+    *solov2.FAMILIES,
+    *simpleseg.FAMILIES,
 )}
 
 

@@ -6,11 +6,14 @@
 dropped, best first). An ONNX file is served only with the manifest written at export
 (`export.manifest`), whose SHA-256 must match the file; the manifest's optional
 ``category_ids`` (model label -> dataset category id, identity when absent) is also read
-from a trained model dict.
+from a trained model dict. Asked for the ONNX model of a family that cannot be exported
+(its manifest says ``"exported": false``, and no graph exists), `load_predictor` serves the
+newest trained model of that family with torch instead and logs why.
 """
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -21,9 +24,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem, _to_rgb_array
 from instseg_pipeline.export.manifest import (
-    ManifestError,  # noqa: F401  (callers catch it from here)
+    ManifestError,  # callers catch it from here too
     file_sha256,
     find_manifest,
+    not_exported_reason,
     read_manifest,
     verify_manifest,
 )
@@ -227,7 +231,39 @@ def load_predictor(checkpoint: str | Path | None = None, onnx: str | Path | None
     if checkpoint and onnx:
         raise ValueError("give a checkpoint or an ONNX file, not both")
     if onnx:
-        return Predictor.from_onnx(onnx, manifest, threads=threads)
+        torch_only = torch_only_manifest(onnx, manifest)
+        if torch_only is None:
+            return Predictor.from_onnx(onnx, manifest, threads=threads)
+        return _torch_fallback(torch_only, device, root, source_name, threads)
     path = Path(checkpoint) if checkpoint else find_latest_checkpoint(root, source_name)
     logger.info("loading model %s", path)
     return Predictor.from_checkpoint(path, device, threads)
+
+
+def torch_only_manifest(onnx: str | Path, manifest: str | Path | None = None) -> dict | None:
+    """The manifest at ``manifest`` or beside ``onnx`` when it says the model has no ONNX
+    graph (its family cannot be exported), else None (`Predictor.from_onnx` then reports
+    a missing or bad file)."""
+    try:
+        path = Path(manifest) if manifest else find_manifest(onnx)
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (ManifestError, OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) and not_exported_reason(found) else None
+
+
+def _torch_fallback(manifest: Mapping, device: str, root: str | Path,
+                    source_name: str | None, threads: int | None) -> Predictor:
+    """The newest trained model under ``root``, served with torch, when it is of the
+    torch-only ``manifest``'s family."""
+    path = find_latest_checkpoint(root, source_name)
+    logger.warning("%s; serving the newest trained model %s with the torch backend instead "
+                   "of ONNX Runtime", not_exported_reason(manifest), path)
+    predictor = Predictor.from_checkpoint(path, device, threads)
+    family = manifest.get("family")
+    if family and predictor.version["model_name"] != family:
+        raise ManifestError(f"the ONNX manifest is of a {family} model (not exportable), but "
+                            f"the newest trained model {path} is a "
+                            f"{predictor.version['model_name']}; pass the {family} model "
+                            "file with --checkpoint")
+    return predictor

@@ -15,6 +15,7 @@ from instseg_pipeline.data.images import load_image
 from instseg_pipeline.export import latency as onnx_latency
 from instseg_pipeline.export import parity
 from instseg_pipeline.export.config import ExportConfig
+from instseg_pipeline.export.manifest import not_exported_reason, torch_only_manifest
 from instseg_pipeline.export.onnx import ExportError, export_onnx
 from instseg_pipeline.predict.backends import TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
@@ -82,9 +83,38 @@ def await_evaluation(coco_metrics: dict) -> str:
     return ", ".join(parts) or "no mAP in coco_metrics"
 
 
+def _torch_only(network, model: dict) -> dict | None:
+    """``{"onnx": None, "manifest": ...}`` when ``network``'s family cannot be exported
+    (its `models.OnnxSpec` says why), else None."""
+    from instseg_pipeline.models import family_of
+
+    entry = family_of(network)
+    if entry.onnx.exportable:
+        return None
+    logger.warning("model family %s is not exportable to ONNX: %s. No model.onnx is "
+                   "written (the manifest says exported: false), the ONNX parity and latency "
+                   "checks are skipped, and serving uses the torch backend", entry.name,
+                   entry.onnx.note)
+    return {"onnx": None, "manifest": torch_only_manifest(
+        entry.name, entry.onnx.note, model["classes"], model["config"],
+        iterations=int(model.get("iterations", 0)))}
+
+
+def _skipped(onnx_model: dict, check: str) -> dict | None:
+    """The report of a check that has no graph to run (a torch-only family), else None."""
+    reason = not_exported_reason(onnx_model["manifest"])
+    if reason is None:
+        return None
+    logger.info("%s skipped: %s", check, reason)
+    return {"exported": False, "reason": reason,
+            "family": onnx_model["manifest"].get("family"), "skipped": True}
+
+
 def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict,
                  evaluation: str | None = None) -> dict:
-    """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image.
+    """``{"onnx": bytes, "manifest": dict}`` of the trained model, traced on a val image;
+    ``{"onnx": None, "manifest": {"exported": false, "reason": ...}}`` for a family that
+    cannot be exported.
 
     ``evaluation`` (`await_evaluation`'s headline) only orders the node after evaluation
     and is logged, so a failing export is reported under the metrics already saved.
@@ -93,6 +123,9 @@ def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict,
     if evaluation is not None:
         logger.info("exporting after evaluation (metrics saved: %s)", evaluation)
     network = _network(model)
+    torch_only = _torch_only(network, model)
+    if torch_only is not None:
+        return torch_only
     example = find_example(network, images, SourceConfig.from_params(source).root,
                            config.example_search)
     with tempfile.TemporaryDirectory() as folder:
@@ -106,7 +139,11 @@ def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict,
 
 def check_onnx_parity(model: dict, onnx_model: dict, images: pd.DataFrame, source: dict,
                       export: dict) -> dict:
-    """onnxruntime vs eager on val images + a blank one; raises `ParityError` on failure."""
+    """onnxruntime vs eager on val images + a blank one; raises `ParityError` on failure.
+    A torch-only family's report says ``exported: false`` and why."""
+    skipped = _skipped(onnx_model, "ONNX parity check")
+    if skipped is not None:
+        return {**skipped, "passed": None}
     config = ExportConfig.from_params(export)
     network = _network(model)
     arrays, ids = select_images(images, SourceConfig.from_params(source).root,
@@ -123,7 +160,11 @@ def check_onnx_parity(model: dict, onnx_model: dict, images: pd.DataFrame, sourc
 
 def measure_latency(model: dict, onnx_model: dict, parity_report: dict,
                     images: pd.DataFrame, source: dict, export: dict) -> dict:
-    """Eager vs onnxruntime latency per image on the same val images and thread count."""
+    """Eager vs onnxruntime latency per image on the same val images and thread count.
+    A torch-only family's report says ``exported: false`` and why."""
+    skipped = _skipped(onnx_model, "ONNX latency measurement")
+    if skipped is not None:
+        return {**skipped, "parity_passed": None}
     config = ExportConfig.from_params(export)
     arrays, ids = select_images(images, SourceConfig.from_params(source).root,
                                 config.latency.num_images)

@@ -12,6 +12,11 @@ sit one level below it, as does ``await_evaluation``: ``export_model`` comes one
 further, after all of them. tests/pipelines/test_export_order.py fails, naming the node,
 if an evaluation node ever comes after it. ``kedro run --pipelines export`` alone needs no
 evaluation: it exports the latest trained model.
+
+A model of a family that cannot be exported (``OnnxSpec(exportable=False)``) is no error:
+`export_model` logs a warning naming the family and the reason and saves a manifest alone
+(``exported: false``, the reason); the parity and latency reports say the same and skip the
+ONNX work, and the run completes. Serving then uses the torch backend.
 """
 from kedro.pipeline import Node, Pipeline
 
