@@ -25,8 +25,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job in one `kedro run`; then DVC records that run as the @default stages of
+# dvc.yaml (deps, params, outputs in dvc.lock), so `dvc status` sees them up to date.
+DEFAULT_STAGES := synthetic@default ingestion@default training@default evaluation@default export@default
+
 run: install
 	$(VENV)/bin/kedro run
+	$(VENV)/bin/dvc commit --force --quiet $(DEFAULT_STAGES)
 
 test: install
 	$(PY) -m pytest

@@ -9,6 +9,9 @@ entries a pipeline uses, and it can only ask for too much), follow `import insts
 functions and `importlib.import_module(f"instseg_pipeline.pkg.{name}")` (the whole `pkg`).
 `find_pipelines` also imports the other stages' pipeline packages, but their nodes do not
 run, so an edit there cannot change this stage's outputs: they are not followed.
+
+Stages written with `foreach` / `do` (one per configuration) are expanded first, as DVC
+names them (`<stage>@<key>`), `${item.<key>}` and `${<vars key>}` filled in.
 """
 from __future__ import annotations
 
@@ -24,6 +27,75 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGE = "instseg_pipeline"
 RUN_MODULES = ("settings", "pipeline_registry")  # loaded by every `kedro run`
 IMPORT_FUNCTIONS = {"import_module", "__import__"}
+TEMPLATE = re.compile(r"\$\{\s*([\w.]+)\s*\}")
+
+
+class TemplateError(ValueError):
+    """A `${...}` in dvc.yaml that the expansion cannot fill."""
+
+
+def _fill(value, context: dict, where: str):
+    """`value` (str, list or dict, keys included) with every `${name.key}` taken from
+    `context`; a string that is one whole `${...}` takes the value itself."""
+    if isinstance(value, dict):
+        return {_fill(k, context, where): _fill(v, context, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, context, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def lookup(name: str):
+        found = context
+        for part in name.split("."):
+            if not isinstance(found, dict) or part not in found:
+                raise TemplateError(f"{where}: ${{{name}}} names nothing in vars or the item")
+            found = found[part]
+        return found
+
+    whole = TEMPLATE.fullmatch(value.strip())
+    if whole:
+        return lookup(whole.group(1))
+    return TEMPLATE.sub(lambda match: str(lookup(match.group(1))), value)
+
+
+def expand_stages(dvc: dict) -> dict[str, dict]:
+    """dvc.yaml's stages as DVC runs them: a `foreach` (a mapping, a list, or `${name}` of
+    `vars`) gives one stage `<name>@<key>` per item (`<name>@<index>` for a list of
+    mappings) from its `do`, with `${item...}` and `${<vars key>}` filled in."""
+    context: dict = {}
+    for entry in dvc.get("vars", []):
+        if isinstance(entry, dict):
+            context.update(entry)
+    stages = {}
+    for name, spec in (dvc.get("stages") or {}).items():
+        if "foreach" not in spec:
+            stages[name] = _fill(spec, context, f"stages.{name}")
+            continue
+        items = _fill(spec["foreach"], context, f"stages.{name}.foreach")
+        keyed = items.items() if isinstance(items, dict) else (
+            ((i if isinstance(v, dict | list) else v), v) for i, v in enumerate(items))
+        for key, item in keyed:
+            stages[f"{name}@{key}"] = _fill(spec["do"], {**context, "item": item},
+                                            f"stages.{name}@{key}")
+    return stages
+
+
+def read_stages(root: Path) -> dict[str, dict]:
+    """The expanded stages of `root`/dvc.yaml."""
+    return expand_stages(yaml.safe_load((root / "dvc.yaml").read_text()))
+
+
+def output_paths(spec: dict) -> list[str]:
+    """A stage's outs, metrics and plots (an entry is a path or {path: options})."""
+    entries = [e for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries]
+
+
+def pipeline_name(stage: str, cmd: str) -> str:
+    """The pipeline a stage's `kedro run --pipelines <name>` runs (else the stage's name,
+    without its `@<key>`)."""
+    match = re.search(r"(?:--pipelines?|-p)[ =](\S+)", cmd)
+    return match.group(1) if match else stage.split("@")[0]
 
 
 class DynamicImportError(ValueError):
@@ -156,7 +228,7 @@ def stage_envs(cmd: str) -> list[str]:
 
 
 def stage_starts(root: Path, stage: str, cmd: str, package: str = PACKAGE) -> set[Path]:
-    """Files a `kedro run --pipeline <stage>` executes code of, before following imports."""
+    """Files a `kedro run --pipelines <stage>` executes code of, before following imports."""
     src = root / "src"
     pipeline = src / package / "pipelines" / stage
     if not pipeline.is_dir():
@@ -181,21 +253,21 @@ def covered(path: str, deps: Iterable[str]) -> bool:
 
 def uncovered_by_stage(root: Path, package: str = PACKAGE) -> dict[str, list[str]]:
     """Per dvc.yaml stage, the imported project files none of its deps covers."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     missing = {}
-    for stage, spec in stages.items():
-        starts = stage_starts(root, stage, spec["cmd"], package)
+    for stage, spec in read_stages(root).items():
+        pipeline = pipeline_name(stage, spec["cmd"])
+        starts = stage_starts(root, pipeline, spec["cmd"], package)
         files = sorted(p.relative_to(root).as_posix()
                        for p in imported_files(root / "src", starts, package,
-                                               other_pipelines(root, stage, package)))
+                                               other_pipelines(root, pipeline, package)))
         missing[stage] = [f for f in files if not covered(f, spec.get("deps", []))]
     return {stage: files for stage, files in missing.items() if files}
 
 
 def missing_deps(root: Path) -> dict[str, list[str]]:
     """Per stage, deps that neither exist nor are produced by a stage (outs appear on repro)."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    outs = {out for spec in stages.values() for out in spec.get("outs", [])}
+    stages = read_stages(root)
+    outs = {out for spec in stages.values() for out in output_paths(spec)}
     missing = {stage: [d for d in spec.get("deps", []) if d not in outs and not (root / d).exists()]
                for stage, spec in stages.items()}
     return {stage: deps for stage, deps in missing.items() if deps}
@@ -215,7 +287,8 @@ def report(missing: dict[str, list[str]]) -> str:
     for stage, files in missing.items():
         lines.append(f"stage {stage!r} imports files none of its deps covers:")
         lines += [f"    {path}" for path in files]
-        lines.append(f"  add to stages.{stage}.deps in dvc.yaml:")
+        where = f"stages.{stage.split('@')[0]}" + (".do" if "@" in stage else "")
+        lines.append(f"  add to {where}.deps in dvc.yaml:")
         lines += [f"    - {dep}" for dep in dict.fromkeys(suggested_dep(f) for f in files)]
     return "\n".join(lines)
 
@@ -269,7 +342,7 @@ def fake_project(tmp_path) -> Path:
         "src/pkg/pipelines/train/nodes.py": "def run():\n    from pkg.core import lazy\n",
         "conf/base/catalog.yml": "model:\n  type: pkg.ext.datasets.ModelDataset\n"
                                  "table:\n  type: pandas.ParquetDataset\n",
-        "dvc.yaml": "stages:\n  train:\n    cmd: kedro run --env ci --pipeline train\n"
+        "dvc.yaml": "stages:\n  train:\n    cmd: kedro run --env ci --pipelines train\n"
                     "    deps:\n" + "".join(f"      - {dep}\n" for dep in FAKE_DEPS)
                     + "    outs:\n      - data/out\n",
     })
@@ -279,7 +352,7 @@ def fake_project(tmp_path) -> Path:
 
 def test_import_walk_follows_lazy_relative_dynamic_and_catalog_imports(fake_project):
     src = fake_project / "src"
-    starts = stage_starts(fake_project, "train", "kedro run --env ci --pipeline train", "pkg")
+    starts = stage_starts(fake_project, "train", "kedro run --env ci --pipelines train", "pkg")
     found = {p.relative_to(src).as_posix() for p in imported_files(src, starts, "pkg")}
     assert found == {
         "pkg/__init__.py", "pkg/settings.py", "pkg/pipeline_registry.py",
@@ -323,3 +396,51 @@ def test_an_unreadable_dynamic_import_fails_naming_the_file(tmp_path):
     _write(tmp_path, {"src/pkg/__init__.py": "import importlib\nimportlib.import_module(name)\n"})
     with pytest.raises(DynamicImportError, match=r"pkg/__init__.py:2"):
         direct_imports(tmp_path / "src", tmp_path / "src/pkg/__init__.py", "pkg")
+
+
+FOREACH_DVC = """\
+vars:
+  - envs:
+      a: {env: local, data: data/in}
+      b: {env: ci, data: data/in_ci}
+stages:
+  train:
+    foreach: ${envs}
+    do:
+      cmd: kedro run --env ${item.env} --pipelines train
+      deps:
+        - ${item.data}
+""" + "".join(f"        - {dep}\n" for dep in FAKE_DEPS[1:]) + """\
+      params:
+        - conf/${item.env}/parameters.yml:
+            - train
+      outs:
+        - data/out_${item.env}
+      metrics:
+        - data/metrics_${item.env}.json
+"""
+
+
+def test_foreach_stages_are_expanded_per_item_and_checked(fake_project):
+    (fake_project / "dvc.yaml").write_text(FOREACH_DVC)
+    (fake_project / "data/in_ci").mkdir()
+    stages = read_stages(fake_project)
+    assert list(stages) == ["train@a", "train@b"]
+    assert stages["train@b"]["cmd"] == "kedro run --env ci --pipelines train"
+    assert stages["train@b"]["deps"][0] == "data/in_ci"
+    assert stages["train@b"]["params"] == [{"conf/ci/parameters.yml": ["train"]}]
+    assert output_paths(stages["train@a"]) == ["data/out_local", "data/metrics_local.json"]
+    assert uncovered_by_stage(fake_project, "pkg") == {}
+    assert missing_deps(fake_project) == {}
+
+    (fake_project / "dvc.yaml").write_text(FOREACH_DVC.replace("        - src/pkg/plugins\n", ""))
+    missing = uncovered_by_stage(fake_project, "pkg")
+    assert set(missing) == {"train@a", "train@b"}
+    assert "  add to stages.train.do.deps in dvc.yaml:\n    - src/pkg/plugins" in report(missing)
+
+
+def test_a_template_naming_nothing_fails_naming_the_stage():
+    spec = {"stages": {"train": {"foreach": {"a": {"env": "ci"}},
+                                 "do": {"cmd": "kedro run --env ${item.nev}"}}}}
+    with pytest.raises(TemplateError, match=r"stages\.train@a: \$\{item\.nev\} names nothing"):
+        expand_stages(spec)
