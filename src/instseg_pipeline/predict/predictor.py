@@ -105,7 +105,7 @@ def find_latest_checkpoint(root: str | Path = ".", source_name: str | None = Non
     if not found:
         raise ModelNotFoundError(
             f"no trained model found: looked for {Path(root).resolve() / pattern}; train one "
-            "(kedro run --pipeline training) or pass a checkpoint or an ONNX file")
+            "(kedro run --pipelines training) or pass a checkpoint or an ONNX file")
     return found[-1]
 
 

@@ -1,5 +1,5 @@
 """Export nodes. torch and onnxruntime are imported inside (through `instseg_pipeline.export`,
-`predict.backends` and `models`): `kedro run --pipeline ingestion` must not pay for them."""
+`predict.backends` and `models`): `kedro run --pipelines ingestion` must not pay for them."""
 from __future__ import annotations
 
 import logging

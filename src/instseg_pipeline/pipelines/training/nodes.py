@@ -1,4 +1,4 @@
-"""Training nodes. torch is imported inside the nodes: `kedro run --pipeline ingestion`
+"""Training nodes. torch is imported inside the nodes: `kedro run --pipelines ingestion`
 must not pay for it. Each node builds the typed configs once from its parameters."""
 from __future__ import annotations
 
