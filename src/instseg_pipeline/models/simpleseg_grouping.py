@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import distance_transform_edt
 
+from instseg_pipeline.models.boxes import tight_boxes as boxes_of_masks
+
 IGNORE = 255  # semantic target of pixels no loss reads (crowd regions, batch padding)
 # where the dummy centre sits (pixels): farther from any pixel than any real centre, so it
 # wins a pixel only when there is no real centre; its square (1e12) is exact in float32
@@ -235,17 +237,5 @@ def group_pixels(probs: torch.Tensor, heat: torch.Tensor, offset: torch.Tensor,
 
 def tight_boxes(masks: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """float [N, 4] x1, y1, x2, y2 (exclusive ends, pixel edges) of ``masks`` float
-    [N, H, W] >= ``threshold``; an empty mask gets x1 > x2 (callers drop it)."""
-    on = (masks >= threshold).to(masks.dtype)
-    cols, rows = on.amax(1), on.amax(2)  # [N, W], [N, H]
-    xs = torch.ones_like(cols).cumsum(1) - 1
-    ys = torch.ones_like(rows).cumsum(1) - 1
-    big = torch.full_like(cols[:, :1], FAR)
-
-    def first(present, index):
-        return torch.where(present > 0, index, big).amin(1)
-
-    def last(present, index):
-        return torch.where(present > 0, index + 1, torch.zeros_like(index)).amax(1)
-
-    return torch.stack([first(cols, xs), first(rows, ys), last(cols, xs), last(rows, ys)], 1)
+    [N, H, W] >= ``threshold``; an empty mask gets a zero box (x1 == x2: callers drop it)."""
+    return boxes_of_masks(masks >= threshold)
