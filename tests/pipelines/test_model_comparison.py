@@ -17,6 +17,7 @@ from kedro_fixtures import TINY
 from torch_only_family import NOTE, TORCH_ONLY, torch_only_family  # noqa: F401
 
 from instseg_pipeline.comparison.compare import COLUMNS
+from instseg_pipeline.data.tables import label_mapping
 from instseg_pipeline.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,8 @@ def test_comparison_table_plot_and_nested_mlflow_runs(kedro_project, monkeypatch
     assert (table["fps"] > 0).all() and (table["train_seconds"] > 0).all()
     torch.manual_seed(0)
     counted = sum(p.numel() for p in build_model(
-        {"name": "maskrcnn_tiny", "min_size": 96, "max_size": 128}, len(categories) + 1
+        {"name": "maskrcnn_tiny", "min_size": 96, "max_size": 128},
+        len(label_mapping(categories)) + 1
     ).parameters())
     assert table["params"].tolist() == [counted, counted]  # the test family is the same net
     rows = table.set_index("model")

@@ -30,6 +30,7 @@ class SyntheticConfig:
     empty_fraction: float = 0.08
     crowd_fraction: float = 0.1
     touching_fraction: float = 0.15
+    stuff: bool = True                      # sky / ground behind the shapes + panoptic stuff
 
 
 @dataclass(frozen=True, kw_only=True)

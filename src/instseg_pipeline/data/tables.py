@@ -129,6 +129,21 @@ def label_mapping(categories: pd.DataFrame) -> dict[int, int]:
     return {cat: label for label, cat in enumerate(ids, start=1)}
 
 
+def stuff_mapping(categories: pd.DataFrame) -> dict[int, int]:
+    """Semantic labels 1..S of a panoptic head for the stuff category ids (sorted); label 0
+    is every thing pixel, `IGNORE_LABEL` is void."""
+    if "isthing" not in categories.columns:
+        return {}
+    stuff = categories[~categories["isthing"].astype(bool)]
+    ids = sorted(int(c) for c in stuff["category_id"])
+    return {cat: label for label, cat in enumerate(ids, start=1)}
+
+
+# a semantic target pixel that no loss reads (void, and the padding of augmentations)
+IGNORE_LABEL = 255
+THINGS_LABEL = 0
+
+
 def select_split(images: pd.DataFrame, instances: pd.DataFrame,
                  split: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The images of one split (all when ``split`` is None) and their instances."""

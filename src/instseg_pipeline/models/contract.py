@@ -20,6 +20,8 @@ EVAL_KEYS = ("boxes", "labels", "scores", "masks")
 EXPORTERS = ("torchscript", "dynamo")
 # torchvision scales boxes clipped in resized pixels back to input pixels in float32
 BOX_SLACK_PX = 0.5
+# a semantic output holds labels 0..S (S stuff categories); 254 keeps them apart from void
+SEMANTIC_MAX = 254
 
 
 class ContractError(ValueError):
@@ -77,6 +79,12 @@ class ModelFamily:
       the network's own cuts on its eval output (the ONNX parity check reads them).
     - ``resolve(params) -> dict``: the settings `model_config` saves, defaults resolved,
       JSON-friendly, without name and weights; `load_model` passes them back to ``build``.
+    - ``semantic``: the family has a semantic (stuff) head. `build` then also gets
+      ``params["stuff_classes"]`` = S, the number of stuff categories; train targets may
+      carry ``"semantic"`` int64 [H, W] (0 = any thing pixel, 1..S = the stuff categories
+      of `data.tables.stuff_mapping`, 255 = void, not in the loss) and the eval output
+      carries ``"semantic"`` int64 [H, W] at the input size, values 0..S. Families
+      without it never see either.
     - ``section``: the key under ``training.families`` that holds the family's settings
       (shared by its sizes, e.g. ``yolact`` for ``yolact_tiny`` and
       ``yolact_plus_resnet50_fpn``); ``training.model`` overrides any of them. Empty: none.
@@ -90,6 +98,7 @@ class ModelFamily:
     postprocess_cuts: Callable[[nn.Module], dict]
     resolve: Callable[[Mapping], dict] = given_settings
     section: str = ""
+    semantic: bool = False
 
     def __post_init__(self):
         clash = [k for k in self.keys if k in COMMON_KEYS]
@@ -146,8 +155,9 @@ def check_eval_output(output: Mapping, height: int, width: int) -> int:
     """Check one image's eval-mode output against the contract; return its N.
 
     ``boxes float [N, 4]`` xyxy in input pixels, ``labels int64 [N]``, ``scores float [N]``
-    in [0, 1], ``masks float [N, 1, height, width]`` probabilities. Other keys are allowed
-    and not checked. Torch tensors or numpy arrays. Raises `ContractError` naming the key.
+    in [0, 1], ``masks float [N, 1, height, width]`` probabilities; ``semantic int64
+    [height, width]`` labels 0..S when present (a family with ``semantic``). Other keys are
+    allowed and not checked. Torch tensors or numpy arrays. Raises `ContractError` naming the key.
     """
     if not isinstance(output, Mapping):
         raise ContractError(f"eval output: expected a dict per image, got "
@@ -164,6 +174,10 @@ def check_eval_output(output: Mapping, height: int, width: int) -> int:
     _expect_within("scores", scores, 0.0, 1.0)
     _expect_within("masks", masks, 0.0, 1.0)
     _expect_xyxy(boxes, int(height), int(width))
+    if "semantic" in output:
+        semantic = _as_tensor("semantic", output["semantic"])
+        _expect("semantic", semantic, "int64", (int(height), int(width)))
+        _expect_within("semantic", semantic, 0, SEMANTIC_MAX)
     return n
 
 

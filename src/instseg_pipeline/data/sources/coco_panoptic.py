@@ -52,6 +52,8 @@ from instseg_pipeline.data.tables import make_categories, make_images, make_inst
 from instseg_pipeline.progress import progress
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from instseg_pipeline.data.config import SourceConfig
 
 logger = logging.getLogger(__name__)
@@ -162,32 +164,52 @@ def _read_image(record: dict, ann: dict | None, mask_dir: Path, categories: dict
     return _segment_rows(record, ann, ids, categories, png, report)
 
 
-def read(params: SourceConfig, report: QualityReport) -> SourceTables:
-    """Read ``root/annotations`` (panoptic json), ``root/masks`` (its PNGs) and
-    ``root/images`` into the tables (``stuff_segments`` included)."""
-    root = Path(params.root)
-    path = root / params.annotations
+def load_panoptic(path: Path, report: QualityReport) -> tuple[dict, pd.DataFrame,
+                                                               dict[int, dict]]:
+    """The panoptic json at ``path`` (unusable image records dropped and counted), its
+    ``categories`` table and each image id's annotation; structural damage fails."""
     data = load_json(path)
     data["images"] = _usable_images(data["images"], path, report)
     _check_categories(data.get("categories", []), path)
     for records, what in ((data["images"], "image"), (data.get("categories", []), "category")):
         _require_unique(records, what, path)
     by_image = _annotations_by_image(data, data["images"], path)
-    categories = make_categories(_category_rows(data))
+    return data, make_categories(_category_rows(data)), by_image
+
+
+def read_segments(records: list[dict], by_image: dict[int, dict], mask_dir: Path,
+                  categories: pd.DataFrame, report: QualityReport
+                  ) -> tuple[list[dict], list[dict], list[dict]]:
+    """The images' PNG segments as table rows: ``(kept records, thing rows, stuff rows)``.
+
+    ``records``: image records with ``id``, ``file_name``, ``width``, ``height``;
+    ``by_image`` and ``categories`` as `load_panoptic` returns them; PNGs under
+    ``mask_dir``. An image whose PNG cannot be used is left out of the kept records, a
+    segment that fails a check is left out of the rows (both counted in ``report``).
+    """
     isthing = dict(zip(categories["category_id"].tolist(), categories["isthing"].tolist()))
-    records = _valid_records(data, root, params.images, report, params.max_image_pixels)
-    checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records], params)
-    mask_dir = root / params.masks
     kept, things, stuff = [], [], []
-    for record, check in progress(list(zip(records, checks)), desc="panoptic", unit="img",
-                                  logger=logger):
-        if not record_check(check, report, label=f"image {record['id']}"):
-            continue
+    for record in progress(records, desc="panoptic", unit="img", logger=logger):
         rows = _read_image(record, by_image.get(record["id"]), mask_dir, isthing, report)
         if rows is not None:
             kept.append(record)
             things.extend(rows[0])
             stuff.extend(rows[1])
+    return kept, things, stuff
+
+
+def read(params: SourceConfig, report: QualityReport) -> SourceTables:
+    """Read ``root/annotations`` (panoptic json), ``root/masks`` (its PNGs) and
+    ``root/images`` into the tables (``stuff_segments`` included)."""
+    root = Path(params.root)
+    path = root / params.annotations
+    data, categories, by_image = load_panoptic(path, report)
+    records = _valid_records(data, root, params.images, report, params.max_image_pixels)
+    checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records], params)
+    records = [record for record, check in zip(records, checks)
+               if record_check(check, report, label=f"image {record['id']}")]
+    kept, things, stuff = read_segments(records, by_image, root / params.masks, categories,
+                                        report)
     images = make_images({"image_id": r["id"], "file_name": r["relative"], "width": r["width"],
                           "height": r["height"], "split": params.split, "source": SOURCE}
                          for r in kept)

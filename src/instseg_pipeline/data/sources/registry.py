@@ -19,8 +19,9 @@ SOURCE_TYPES = ("synthetic", "coco", "coco_panoptic", "cityscapes", "mask_folder
 def read_source(params: SourceConfig, report: QualityReport) -> SourceTables:
     """Read the source described by ``params`` (the typed ``source`` block) into tables.
 
-    ``synthetic`` first (re)generates its COCO-format files under ``root`` when they are
-    missing or were made with other generator parameters, then reads them as ``coco``.
+    ``synthetic`` first (re)generates its files under ``root`` when they are missing or
+    were made with other generator parameters, then reads them: the instances as ``coco``
+    does, the stuff segments from its COCO panoptic export (`sources.synthetic.read`).
     """
     kind = params.type
     if kind not in SOURCE_TYPES:
@@ -30,6 +31,5 @@ def read_source(params: SourceConfig, report: QualityReport) -> SourceTables:
         from instseg_pipeline.data.sources import synthetic
 
         synthetic.generate(params.root, as_dict(params.synthetic))
-        kind = "coco"
     module = importlib.import_module(f"instseg_pipeline.data.sources.{kind}")
     return module.read(params, report)

@@ -1,13 +1,22 @@
 """Deterministic synthetic shapes in COCO format: the default source, so a fresh clone runs.
 
-`generate(root, params)` writes ``root/images/NNNNNN.png`` and ``root/annotations.json``
-(COCO instances; each image's ``file_name`` is relative to ``root/images``, as in COCO).
-The same parameters give byte-identical files; a second call with the same parameters
-finds the parameter hash in ``info`` and does nothing.
+`generate(root, params)` writes ``root/images/NNNNNN.png``, ``root/annotations.json``
+(COCO instances; each image's ``file_name`` is relative to ``root/images``, as in COCO) and
+a COCO panoptic export of the same scenes: ``root/panoptic.json`` and
+``root/panoptic/NNNNNN.png``. The same parameters give byte-identical files; a second call
+with the same parameters finds the parameter hash in ``info`` and does nothing. `read`
+ingests it: the instances from ``annotations.json`` (the COCO reader), the stuff segments
+from the panoptic export (the COCO panoptic reader).
 
 What the scenes hold, and why:
 - four shape classes (circle, rectangle, triangle, star) with a random hue per instance,
-  so colour never gives the class away; shapes sit on a noisy, textured background;
+  so colour never gives the class away;
+- two stuff classes behind them (``stuff: true``, the default): "sky" above and "ground"
+  below a tilted, wavy horizon at a random height, each with its own tint and texture
+  (sky: light, smooth, brightening toward the horizon; ground: darker and grainy), so a
+  semantic head must learn them from appearance and place. They are drawn from a random
+  stream of their own, so the shapes, their annotations and their pixels are the same as
+  with ``stuff: false``, which paints the older noisy, textured background instead;
 - overlaps with real occlusion: later shapes hide earlier ones, each mask is the visible
   part only, and an instance with fewer than `MIN_VISIBLE_PIXELS` visible is left out of
   the scene altogether (not drawn, not annotated);
@@ -24,6 +33,14 @@ written as a compressed RLE string instead; that also gives readers all three CO
 Polygon rasterisation still differs from the traced mask by a pixel here and there, so the
 image is painted from the annotation masks as pycocotools decodes them: pixels and labels
 agree by construction (neighbours may share a boundary pixel; the upper one is painted).
+
+Panoptic export (COCO panoptic format, ids ``R + 256 G + 256^2 B``, 0 = void): each pixel
+belongs to what was painted last there, so the segments never overlap. A thing segment
+(crowds included, ``iscrowd`` 1) has the id of its annotation in ``annotations.json`` and
+covers the pixels of its mask that no upper annotation took; a stuff segment
+(``STUFF_SEGMENT_BASE + category_id``, so never an annotation id) covers the sky or ground
+pixels no thing covers. Categories: the things 1..4 (``isthing`` 1), then sky 5 and
+ground 6 (``isthing`` 0; absent with ``stuff: false``, when every background pixel is void).
 """
 from __future__ import annotations
 
@@ -35,24 +52,46 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from instseg_pipeline.data.config import SyntheticConfig
-from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_bbox, rle_to_string
+from instseg_pipeline.data.masks import (
+    bitmap_to_rle,
+    id_to_rgb,
+    rle_area,
+    rle_bbox,
+    rle_to_string,
+)
+
+if TYPE_CHECKING:
+    from instseg_pipeline.data.config import SourceConfig
+    from instseg_pipeline.data.quality import QualityReport
+    from instseg_pipeline.data.sources import SourceTables
 
 logger = logging.getLogger(__name__)
 
 GENERATOR = "instseg_pipeline.data.sources.synthetic"
 # Bump when the drawing code changes, so cached datasets written by older code are redone.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CATEGORY_NAMES = ("circle", "rectangle", "triangle", "star")
+STUFF_NAMES = ("sky", "ground")         # category ids len(CATEGORY_NAMES) + 1, + 2
 RECTANGLE_ID = CATEGORY_NAMES.index("rectangle") + 1
 MIN_VISIBLE_PIXELS = 20
+# Random streams of image i: (seed, THINGS_STREAM, i) for the shapes and the finish,
+# (seed, STUFF_STREAM, i) for sky and ground; (seed, 0) plans the images.
+THINGS_STREAM, STUFF_STREAM = 1, 2
+# Stuff segment ids in the panoptic PNGs: above every annotation id, below 2**24.
+STUFF_SEGMENT_BASE = 2**24 - 256
+ANNOTATIONS_JSON = "annotations.json"
+IMAGE_DIR = "images"
+PANOPTIC_JSON = "panoptic.json"
+PANOPTIC_DIR = "panoptic"
 DEFAULTS = asdict(SyntheticConfig())  # the schema of source.synthetic holds them
 
 
@@ -70,6 +109,22 @@ class Layer:
     footprint: np.ndarray
     colours: np.ndarray
     piece_ids: np.ndarray | None = None
+
+
+@dataclass
+class RenderedImage:
+    """One image as drawn, with what its panoptic PNG needs.
+
+    pixels: uint8 [H, W, 3] RGB; annotations: COCO fields without ids, bottom to top;
+    owner: int16 [H, W], k > 0 where annotation k (1-based) was painted last, 0 elsewhere;
+    stuff: uint8 [H, W] stuff category id of every pixel (sky or ground), or None when the
+    scene has no stuff.
+    """
+
+    pixels: np.ndarray
+    annotations: list[dict]
+    owner: np.ndarray
+    stuff: np.ndarray | None
 
 
 @dataclass
@@ -111,6 +166,13 @@ def _check_params(p: dict) -> None:
                          f"{p['min_size']} and {p['max_size']}")
     if p["touching_fraction"] > 0 and p["max_objects"] < 2:
         raise ValueError("synthetic: touching pairs need max_objects >= 2")
+    if type(p["stuff"]) is not bool:  # 0 and 1 are not switches
+        raise ValueError(f"synthetic: stuff must be true or false, not {p['stuff']!r}")
+    # an image holds at most max_objects shapes and one crowd: annotation ids stay below
+    # the stuff segment ids of the panoptic PNGs
+    if p["num_images"] * (p["max_objects"] + 1) >= STUFF_SEGMENT_BASE:
+        raise ValueError(f"synthetic: num_images * (max_objects + 1) must stay below "
+                         f"{STUFF_SEGMENT_BASE}, got {p['num_images']} and {p['max_objects']}")
 
 
 def params_hash(params: dict) -> str:
@@ -135,13 +197,17 @@ def generate(root: str | Path, params: dict | None = None) -> dict:
         empty_fraction (0.08): share of images drawn with nothing in them.
         crowd_fraction (0.1): share of images that also get one crowd region.
         touching_fraction (0.15): share of images with two rectangles sharing an edge.
+        stuff (True): sky and ground behind the shapes (their own stream (seed, 2, i)),
+            stuff segments in the panoptic export; False: the plain background, and
+            the export holds the things only. The things are the same either way.
     Shares are exact counts (rounded), assigned to images by a seeded permutation.
 
     Returns {"num_images", "num_annotations", "num_crowd", "num_empty_images",
-    "num_categories", "seed", "params_hash"}. `root` is replaced whole when it holds an
-    older dataset of this generator; any other non-empty folder is refused. The dataset is
-    written to a temporary folder beside `root` and renamed into place, so an interrupted
-    run leaves either the previous dataset or none (a killed process may leave a hidden
+    "num_categories" (things and stuff), "num_stuff_segments", "seed", "params_hash"}.
+    `root` is replaced whole when it holds an older dataset of this generator; any other
+    non-empty folder is refused. The dataset is written to a temporary folder beside
+    `root` and renamed into place, so an interrupted run leaves either the previous
+    dataset or none (a killed process may leave a hidden
     ``.<root name>.tmp-*`` folder beside `root`, never a partial `root`).
     """
     root = Path(root)
@@ -154,28 +220,30 @@ def generate(root: str | Path, params: dict | None = None) -> dict:
         return existing
     _check_replaceable(root)
     start = time.perf_counter()
-    coco = _write_atomically(root, p, digest)
-    manifest = _manifest(coco)
+    coco, panoptic = _write_atomically(root, p, digest)
+    manifest = _manifest(coco, panoptic)
     logger.info("wrote synthetic dataset to %s in %.2f s: %s", root,
                 time.perf_counter() - start, manifest)
     return manifest
 
 
-def _manifest(coco: dict) -> dict:
+def _manifest(coco: dict, panoptic: dict) -> dict:
     anns = coco["annotations"]
     with_anns = {a["image_id"] for a in anns}
     info = coco["info"]
+    stuff = {c["id"] for c in panoptic["categories"] if not c["isthing"]}
     return {"num_images": len(coco["images"]), "num_annotations": len(anns),
             "num_crowd": sum(a["iscrowd"] for a in anns),
             "num_empty_images": sum(im["id"] not in with_anns for im in coco["images"]),
-            "num_categories": len(coco["categories"]), "seed": info["params"]["seed"],
-            "params_hash": info["params_hash"]}
+            "num_categories": len(panoptic["categories"]),
+            "num_stuff_segments": sum(s["category_id"] in stuff for a in panoptic["annotations"]
+                                      for s in a["segments_info"]),
+            "seed": info["params"]["seed"], "params_hash": info["params_hash"]}
 
 
 # ---------------------------------------------------------------------------- files
 
-def _read_coco(root: Path) -> dict | None:
-    path = root / "annotations.json"
+def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -185,17 +253,31 @@ def _read_coco(root: Path) -> dict | None:
         return None
 
 
+def _read_coco(root: Path) -> dict | None:
+    return _read_json(root / ANNOTATIONS_JSON)
+
+
+def _missing_files(folder: Path, names: list[str]) -> bool:
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        logger.warning("synthetic: %d file(s) missing under %s (first: %s); regenerating",
+                       len(missing), folder, missing[0])
+    return bool(missing)
+
+
 def _existing_manifest(root: Path, digest: str) -> dict | None:
     coco = _read_coco(root)
     if coco is None or coco.get("info", {}).get("params_hash") != digest:
         return None
-    missing = [im["file_name"] for im in coco["images"]
-               if not (root / "images" / im["file_name"]).is_file()]
-    if missing:
-        logger.warning("synthetic: %d image(s) missing under %s (first: %s); regenerating",
-                       len(missing), root / "images", missing[0])
+    panoptic = _read_json(root / PANOPTIC_JSON)
+    if panoptic is None or panoptic.get("info", {}).get("params_hash") != digest:
+        logger.warning("synthetic: %s missing or stale; regenerating", root / PANOPTIC_JSON)
         return None
-    return _manifest(coco)
+    if _missing_files(root / IMAGE_DIR, [im["file_name"] for im in coco["images"]]) or \
+            _missing_files(root / PANOPTIC_DIR,
+                           [a["file_name"] for a in panoptic["annotations"]]):
+        return None
+    return _manifest(coco, panoptic)
 
 
 def _check_replaceable(root: Path) -> None:
@@ -210,16 +292,16 @@ def _check_replaceable(root: Path) -> None:
                               f"by this generator; refusing to replace it")
 
 
-def _write_atomically(root: Path, p: dict, digest: str) -> dict:
+def _write_atomically(root: Path, p: dict, digest: str) -> tuple[dict, dict]:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
     try:
-        coco = _write_dataset(tmp, p, digest)
+        written = _write_dataset(tmp, p, digest)
         _swap_into_place(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return coco
+    return written
 
 
 def _swap_into_place(tmp: Path, root: Path) -> None:
@@ -238,24 +320,38 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"synthetic: OpenCV could not write {path}")
 
 
-def _write_dataset(folder: Path, p: dict, digest: str) -> dict:
-    """Render every image into `folder`; the json goes last, as the completion mark."""
-    (folder / "images").mkdir()
-    images, annotations = [], []
+def _write_dataset(folder: Path, p: dict, digest: str) -> tuple[dict, dict]:
+    """Render every image into `folder`; annotations.json goes last, as the completion
+    mark. Returns the COCO instances and the COCO panoptic json."""
+    for name in (IMAGE_DIR, PANOPTIC_DIR):
+        (folder / name).mkdir()
+    images, annotations, segments = [], [], []
     for index, plan in enumerate(_plan_images(p)):
         image_id = index + 1
-        pixels, anns = render_image(np.random.default_rng([p["seed"], 1, index]), plan,
-                                    p["max_objects"])
+        stuff_rng = np.random.default_rng([p["seed"], STUFF_STREAM, index]) \
+            if p["stuff"] else None
+        drawn = render_image(np.random.default_rng([p["seed"], THINGS_STREAM, index]), plan,
+                             p["max_objects"], stuff_rng)
         file_name = f"{image_id:06d}.png"
-        _write_png(folder / "images" / file_name, pixels)
+        _write_png(folder / IMAGE_DIR / file_name, drawn.pixels)
         images.append({"id": image_id, "file_name": file_name,
                        "width": plan.width, "height": plan.height})
-        for ann in anns:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **ann})
+        ids = [len(annotations) + k for k in range(1, len(drawn.annotations) + 1)]
+        annotations += [{"id": ann_id, "image_id": image_id, **ann}
+                        for ann_id, ann in zip(ids, drawn.annotations)]
+        id_map, info = panoptic_segments(drawn, ids)
+        _write_png(folder / PANOPTIC_DIR / file_name, id_to_rgb(id_map))
+        segments.append({"image_id": image_id, "file_name": file_name, "segments_info": info})
+    categories = _categories()
+    panoptic = {"info": _info(p, digest), "licenses": [], "images": images,
+                "annotations": segments,
+                "categories": [{**c, "isthing": 1} for c in categories]
+                + (_stuff_categories() if p["stuff"] else [])}
+    (folder / PANOPTIC_JSON).write_text(json.dumps(panoptic, separators=(",", ":")))
     coco = {"info": _info(p, digest), "licenses": [], "images": images,
-            "annotations": annotations, "categories": _categories()}
-    (folder / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
-    return coco
+            "annotations": annotations, "categories": categories}
+    (folder / ANNOTATIONS_JSON).write_text(json.dumps(coco, separators=(",", ":")))
+    return coco, panoptic
 
 
 def _info(p: dict, digest: str) -> dict:
@@ -267,6 +363,49 @@ def _info(p: dict, digest: str) -> dict:
 def _categories() -> list[dict]:
     return [{"id": i + 1, "name": name, "supercategory": "shape"}
             for i, name in enumerate(CATEGORY_NAMES)]
+
+
+def _stuff_categories() -> list[dict]:
+    return [{"id": stuff_category_id(name), "name": name, "supercategory": "scene",
+             "isthing": 0} for name in STUFF_NAMES]
+
+
+def stuff_category_id(name: str) -> int:
+    """Category id of a stuff class: after the things (sky 5, ground 6)."""
+    return len(CATEGORY_NAMES) + STUFF_NAMES.index(name) + 1
+
+
+# ---------------------------------------------------------------------------- panoptic
+
+def _segment_info(segment_id: int, category_id: int, mask: np.ndarray, iscrowd: int) -> dict:
+    rle = bitmap_to_rle(mask)
+    return {"id": segment_id, "category_id": category_id, "iscrowd": iscrowd,
+            "area": rle_area(rle), "bbox": rle_bbox(rle)}
+
+
+def panoptic_segments(drawn: RenderedImage, ann_ids: list[int]) -> tuple[np.ndarray, list]:
+    """int32 [H, W] segment ids of one image (0 = void) and its segments_info.
+
+    ``ann_ids``: the annotation id of each of ``drawn.annotations``, which become the thing
+    segment ids; stuff segments take ``STUFF_SEGMENT_BASE + category_id``. A segment left
+    with no pixel (covered whole by upper ones) is not listed.
+    """
+    lookup = np.array([0, *ann_ids], np.int32)
+    id_map = lookup[drawn.owner]
+    info = []
+    for segment_id, ann in zip(ann_ids, drawn.annotations):
+        mask = id_map == segment_id
+        if mask.any():
+            info.append(_segment_info(segment_id, ann["category_id"], mask, ann["iscrowd"]))
+    if drawn.stuff is not None:
+        for name in STUFF_NAMES:
+            category_id = stuff_category_id(name)
+            mask = (drawn.stuff == category_id) & (drawn.owner == 0)
+            if mask.any():
+                id_map[mask] = STUFF_SEGMENT_BASE + category_id
+                info.append(_segment_info(STUFF_SEGMENT_BASE + category_id, category_id,
+                                          mask, 0))
+    return id_map, info
 
 
 # ---------------------------------------------------------------------------- planning
@@ -486,6 +625,71 @@ def _annotation(layer: Layer, visible: np.ndarray) -> tuple[dict | None, np.ndar
             "area": rle_area(rle), "bbox": rle_bbox(rle), "iscrowd": int(layer.iscrowd)}, final
 
 
+# ---------------------------------------------------------------------------- stuff
+
+def _noise(rng: np.random.Generator, height: int, width: int, cell: int, strength: float,
+           channels: int) -> np.ndarray:
+    """float32 [H, W, channels]: Gaussian noise on a `cell`-pixel grid, cubic upsampled."""
+    grid = rng.normal(0, strength, (height // cell + 2, width // cell + 2, channels))
+    noise = cv2.resize(grid.astype(np.float32), (width, height),
+                       interpolation=cv2.INTER_CUBIC)
+    return noise.reshape(height, width, channels)
+
+
+def _horizon(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """float [W]: the row where sky turns to ground in each column; tilted and wavy, and
+    kept in the middle 70 % of the height so both regions show."""
+    xs = np.arange(width) / width
+    level = rng.uniform(0.3, 0.7) * height
+    tilt = rng.uniform(-0.15, 0.15) * height * (xs - 0.5)
+    cycles, phase = rng.uniform(0.5, 2.5), rng.uniform(0, 2 * np.pi)
+    wave = rng.uniform(0.0, 0.05) * height * np.sin(2 * np.pi * cycles * xs + phase)
+    return np.clip(level + tilt + wave, 0.15 * height, 0.85 * height)
+
+
+def _tint(rng: np.random.Generator, hue: tuple, saturation: tuple,
+          value: tuple) -> np.ndarray:
+    """float32 [3] RGB in 0..255 drawn from the given HSV ranges."""
+    rgb = colorsys.hsv_to_rgb(rng.uniform(*hue), rng.uniform(*saturation), rng.uniform(*value))
+    return np.array(rgb, np.float32) * 255
+
+
+def _sky(rng: np.random.Generator, height: int, width: int,
+         horizon: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3]: a light, low-saturation blue-grey, brightening toward the
+    horizon, with soft cloud-like blotches and no fine grain."""
+    tint = _tint(rng, (0.5, 0.66), (0.1, 0.45), (0.7, 0.95))
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    closeness = np.clip(rows / np.maximum(horizon[None, :], 1.0), 0, 1)  # 0 top, 1 horizon
+    image = tint + (rng.uniform(10, 30) * closeness)[..., None]
+    image = image + np.abs(_noise(rng, height, width, 32, 14.0, 1))  # clouds: only lighter
+    return cv2.GaussianBlur(image.astype(np.float32), (0, 0), 2.0)
+
+
+def _ground(rng: np.random.Generator, height: int, width: int,
+            horizon: np.ndarray) -> np.ndarray:
+    """float32 [H, W, 3]: a darker brown-to-green, grainy at two scales with some colour
+    in the grain, darkening toward the bottom."""
+    tint = _tint(rng, (0.06, 0.35), (0.2, 0.5), (0.3, 0.55))
+    rows = np.arange(height, dtype=np.float32)[:, None]
+    depth = np.clip((rows - horizon[None, :]) / np.maximum(height - horizon[None, :], 1), 0, 1)
+    image = tint - (rng.uniform(5, 25) * depth)[..., None]
+    image = image + _noise(rng, height, width, 10, 12.0, 1) + _noise(rng, height, width, 3,
+                                                                      9.0, 3)
+    return cv2.GaussianBlur(image.astype(np.float32), (0, 0), 0.7)
+
+
+def _stuff_background(rng: np.random.Generator, height: int,
+                      width: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [H, W, 3] sky over ground and uint8 [H, W] their category ids."""
+    horizon = _horizon(rng, height, width)
+    is_sky = np.arange(height)[:, None] < horizon[None, :]
+    labels = np.where(is_sky, stuff_category_id("sky"),
+                      stuff_category_id("ground")).astype(np.uint8)
+    sky, ground = _sky(rng, height, width, horizon), _ground(rng, height, width, horizon)
+    return np.where(is_sky[..., None], sky, ground), labels
+
+
 # ---------------------------------------------------------------------------- painting
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -522,16 +726,72 @@ def _finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
-def render_image(rng: np.random.Generator, plan: ImagePlan,
-                 max_objects: int) -> tuple[np.ndarray, list[dict]]:
-    """One image (uint8 RGB [H, W, 3]) and its annotations (without ids), bottom to top."""
+def render_image(rng: np.random.Generator, plan: ImagePlan, max_objects: int,
+                 stuff_rng: np.random.Generator | None = None) -> RenderedImage:
+    """One image, its annotations (without ids, bottom to top) and pixel owners.
+
+    ``rng`` draws the shapes, the plain background and the finish; ``stuff_rng`` (None: no
+    stuff) the sky and ground that replace the plain background. The plain background is
+    drawn either way, so ``rng`` gives the same shapes and the same shape pixels.
+    """
     shape = (plan.height, plan.width)
     image = _background(rng, *shape)
+    stuff = None
+    if stuff_rng is not None:
+        image, stuff = _stuff_background(stuff_rng, *shape)
     layers = _drop_hidden(_scene(rng, plan, max_objects), shape)
     annotations = []
+    owner = np.zeros(shape, np.int16)
     for layer, visible in zip(layers, _visible(layers, shape)):
         annotation, final = _annotation(layer, visible)
         if annotation is not None:
             _paint(image, layer, final)
             annotations.append(annotation)
-    return _finish(rng, image), annotations
+            owner[final] = len(annotations)
+    return RenderedImage(_finish(rng, image), annotations, owner, stuff)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read(params: SourceConfig, report: QualityReport) -> SourceTables:
+    """The generated dataset under ``params.root`` as the tables.
+
+    ``instances`` and the thing categories come from ``annotations.json`` through the COCO
+    reader, exactly as for any COCO source; ``stuff_segments`` (``annotation_id`` = the
+    PNG segment id, ``instance_id`` = `coco_panoptic.instance_id`) and the stuff categories
+    (``isthing`` false) from the panoptic export through the COCO panoptic reader, with its
+    checks. An image whose panoptic PNG cannot be used is dropped with its instances.
+    """
+    from instseg_pipeline.data.sources import SourceTables, coco, coco_panoptic
+    from instseg_pipeline.data.tables import make_categories, make_instances
+
+    tables = coco.read(replace(params, annotations=ANNOTATIONS_JSON, images=IMAGE_DIR), report)
+    root = Path(params.root)
+    path = root / PANOPTIC_JSON
+    _, panoptic_categories, by_image = coco_panoptic.load_panoptic(path, report)
+    stuff_categories = panoptic_categories[~panoptic_categories["isthing"].astype(bool)]
+    clash = sorted(set(stuff_categories["category_id"]) & set(tables.categories["category_id"]))
+    if clash:
+        from instseg_pipeline.data.quality import IngestionError
+
+        raise IngestionError(f"{path}: stuff category ids {clash} are thing categories of "
+                             f"{root / ANNOTATIONS_JSON}")
+    records = [{"id": int(r.image_id), "file_name": str(r.file_name), "width": int(r.width),
+                "height": int(r.height)} for r in tables.images.itertuples(index=False)]
+    kept, _, stuff = coco_panoptic.read_segments(records, by_image, root / PANOPTIC_DIR,
+                                                 panoptic_categories, report)
+    images, instances = tables.images, tables.instances
+    if len(kept) < len(records):
+        keep = {record["id"] for record in kept}
+        lost = ~instances["image_id"].isin(keep)
+        for row in instances[lost].itertuples(index=False):
+            report.drop("annotations", "image_dropped",
+                        f"annotation {row.annotation_id}: the panoptic PNG of its image "
+                        f"{row.image_id} was dropped")
+        images = images[images["image_id"].isin(keep)].reset_index(drop=True)
+        instances = instances[~lost].reset_index(drop=True)
+    categories = make_categories([*tables.categories.to_dict("records"),
+                                  *stuff_categories.to_dict("records")])
+    logger.info("%s: %d stuff segments of %d categories", path, len(stuff),
+                len(stuff_categories))
+    return SourceTables(images, instances, categories, stuff_segments=make_instances(stuff))

@@ -1,4 +1,5 @@
-"""Synthetic: (re)generate the built-in COCO-format dataset under source.root."""
+"""Synthetic: (re)generate the built-in dataset (COCO instances + COCO panoptic) under
+source.root."""
 from .pipeline import create_pipeline
 
 __all__ = ["create_pipeline"]

@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def generate_synthetic_data(source: dict) -> dict:
-    """Write the synthetic COCO dataset into ``source.root``; return its manifest."""
+    """Write the synthetic dataset (COCO instances and, beside them, the COCO panoptic
+    export) into ``source.root``; return its manifest."""
     config = SourceConfig.from_params(source)
     if config.type != "synthetic":
         logger.info("source.type is %s: nothing to generate", config.type)
