@@ -123,10 +123,12 @@ def _ap(value) -> float:
 def compare_model(name: str, images: pd.DataFrame, instances: pd.DataFrame,
                   categories: pd.DataFrame, root: str | Path, training: Mapping,
                   evaluation, speed: SpeedConfig, opset: int = 17,
-                  session_params: Mapping | None = None) -> tuple[dict, dict]:
+                  session_params: Mapping | None = None,
+                  stuff_segments: pd.DataFrame | None = None) -> tuple[dict, dict]:
     """Train, evaluate and time one model; ``(table row, fit result)``.
 
-    ``training`` is that model's `training_params`, ``evaluation`` an `EvaluationConfig`.
+    ``training`` is that model's `training_params`, ``evaluation`` an `EvaluationConfig`;
+    ``stuff_segments`` are the semantic targets of a panoptic family (others ignore them).
     """
     from instseg_pipeline.comparison.speed import measure_speed
     from instseg_pipeline.engine.config import TrainingConfig
@@ -134,7 +136,8 @@ def compare_model(name: str, images: pd.DataFrame, instances: pd.DataFrame,
     from instseg_pipeline.models import load_model
 
     started = time.perf_counter()
-    result = fit(images, instances, categories, root, TrainingConfig.from_params(training))
+    result = fit(images, instances, categories, root, TrainingConfig.from_params(training),
+                 stuff_segments=stuff_segments)
     seconds = time.perf_counter() - started
     saved = result["model"]
     network = load_model(saved["config"], saved["state_dict"]).eval()

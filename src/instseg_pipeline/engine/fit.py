@@ -17,12 +17,20 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from instseg_pipeline.config_schema import ConfigError
+from instseg_pipeline.data.tables import stuff_mapping
 from instseg_pipeline.engine import checkpoint, distributed
 from instseg_pipeline.engine.config import TrainingConfig
 from instseg_pipeline.engine.loop import TrainResult, train
 from instseg_pipeline.engine.rng import reproducible, seed_everything
 from instseg_pipeline.engine.selection import BestModelSelector
-from instseg_pipeline.models import build_model, family_of, family_params, model_config
+from instseg_pipeline.models import (
+    DEFAULT_NAME,
+    build_model,
+    family,
+    family_of,
+    family_params,
+    model_config,
+)
 from instseg_pipeline.predict.device import resolve_device
 from instseg_pipeline.torchdata.augment import build_augmentation
 from instseg_pipeline.torchdata.dataset import (
@@ -36,15 +44,45 @@ from instseg_pipeline.torchdata.dataset import (
 logger = logging.getLogger(__name__)
 
 
+def is_semantic(config: TrainingConfig) -> bool:
+    """Whether ``training.model.name`` is a family with a semantic (stuff) head."""
+    return family(config.model.get("name") or DEFAULT_NAME).semantic
+
+
+def check_stuff_categories(categories: pd.DataFrame, images: pd.DataFrame,
+                           config: TrainingConfig) -> dict[int, int]:
+    """The `stuff_mapping` a semantic family trains on; ValueError naming the model and the
+    source when ``categories`` has no stuff category."""
+    mapping = stuff_mapping(categories)
+    if not mapping:
+        name = config.model.get("name") or DEFAULT_NAME
+        sources = sorted({str(s) for s in images["source"]}) if "source" in images else []
+        raise ValueError(f"{name} needs stuff categories (isthing false); source "
+                         f"{', '.join(sources) or '(unknown)'} has none")
+    return mapping
+
+
 def build_datasets(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                   root: str | Path, config: TrainingConfig
+                   root: str | Path, config: TrainingConfig,
+                   stuff_segments: pd.DataFrame | None = None
                    ) -> tuple[InstanceDataset, InstanceDataset]:
-    """Train split (augmented) and val split (plain) datasets."""
+    """Train split (augmented) and val split (plain) datasets.
+
+    For a semantic family (`is_semantic`) their targets carry ``semantic`` maps built from
+    the things and ``stuff_segments``; other families never read ``stuff_segments``.
+    """
+    semantic = is_semantic(config)
+    if semantic:
+        check_stuff_categories(categories, images, config)
+        if stuff_segments is None or not len(stuff_segments):
+            logger.warning("%s: no stuff segments; the semantic targets hold things and "
+                           "void only", config.model.get("name") or DEFAULT_NAME)
+    extra = {"stuff_segments": stuff_segments, "semantic": True} if semantic else {}
     train_set = InstanceDataset(images, instances, categories, root, split="train",
                                 augmentation=build_augmentation(config.augmentation),
-                                seed=config.seed)
+                                seed=config.seed, **extra)
     val_set = InstanceDataset(images, instances, categories, root, split="val",
-                              seed=config.seed)
+                              seed=config.seed, **extra)
     if len(train_set) == 0:
         raise ValueError("the train split has no images: check the ingestion split "
                          "(ingestion.val_fraction) or the source's split folders")
@@ -60,7 +98,8 @@ def _val_loader(val: InstanceDataset, config: TrainingConfig) -> DataLoader | No
 
 
 def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-              root: str, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
+              root: str, config: TrainingConfig, callbacks: Sequence = (),
+              stuff_segments: pd.DataFrame | None = None) -> dict:
     """This process's share of `fit`, in `engine.rng.reproducible` settings (a fixed thread
     count; deterministic kernels with ``training.deterministic``), restored afterwards."""
     device = resolve_device(config.device, "training.device")
@@ -68,14 +107,19 @@ def _fit_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Data
         # the initial weights come from torch's global RNG: seed it before building the
         # model, or they depend on what this process happened to draw before
         seed_everything(config.seed)
-        return _train_here(images, instances, categories, root, config, callbacks)
+        return _train_here(images, instances, categories, root, config, callbacks,
+                           stuff_segments)
 
 
 def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                root: str, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
-    train_set, val_set = build_datasets(images, instances, categories, root, config)
+                root: str, config: TrainingConfig, callbacks: Sequence = (),
+                stuff_segments: pd.DataFrame | None = None) -> dict:
+    train_set, val_set = build_datasets(images, instances, categories, root, config,
+                                        stuff_segments)
     num_classes = len(train_set.mapping) + 1  # the thing categories and the background
     params = family_params(config.model, config.families)
+    if train_set.semantic:
+        params = _with_stuff_classes(params, len(train_set.stuff_mapping))
     model = build_model(params, num_classes)
     check_loss_weights(config, model)
     identity = model_config(params, num_classes)
@@ -92,13 +136,26 @@ def _train_here(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Da
                    val_loader=_val_loader(val_set, config),
                    callbacks=((selector,) if selector else ()) + tuple(callbacks))
     state, selection = _chosen_weights(model, result, selector)
-    return {"model": {"config": identity, "state_dict": state,
-                      "classes": {int(k): v for k, v in train_set.label_names.items()},
-                      "category_ids": {label: int(cat)
-                                       for cat, label in train_set.mapping.items()},
-                      "iterations": int(result.iterations), "selection": selection},
-            "history": result.history, "val_history": result.val_history,
+    saved = {"config": identity, "state_dict": state,
+             "classes": {int(k): v for k, v in train_set.label_names.items()},
+             "category_ids": {label: int(cat) for cat, label in train_set.mapping.items()},
+             "iterations": int(result.iterations), "selection": selection}
+    if train_set.semantic:
+        saved["stuff_category_ids"] = {int(k): int(cat)
+                                       for cat, k in train_set.stuff_mapping.items()}
+        saved["stuff_classes"] = {int(k): str(v) for k, v in train_set.stuff_names.items()}
+    return {"model": saved, "history": result.history, "val_history": result.val_history,
             "skipped_steps": int(result.skipped_steps)}
+
+
+def _with_stuff_classes(params: dict, count: int) -> dict:
+    """``params`` with ``stuff_classes`` = the stuff categories of the data (a value in the
+    parameters that differs is replaced, with a warning)."""
+    given = params.get("stuff_classes")
+    if given is not None and int(given) != count:
+        logger.warning("training.model.stuff_classes=%s replaced by the %d stuff categories "
+                       "of the data", given, count)
+    return {**params, "stuff_classes": int(count)}
 
 
 def check_loss_weights(config: TrainingConfig, model: torch.nn.Module) -> None:
@@ -135,9 +192,17 @@ def _chosen_weights(model: torch.nn.Module, result: TrainResult,
 
 
 def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-        root: str | Path, config: TrainingConfig, callbacks: Sequence = ()) -> dict:
-    """Train a model; returns ``{"model": {config, state_dict, classes, iterations},
-    "history": DataFrame, "val_history": DataFrame, "skipped_steps": int}``.
+        root: str | Path, config: TrainingConfig, callbacks: Sequence = (),
+        stuff_segments: pd.DataFrame | None = None) -> dict:
+    """Train a model; returns ``{"model": {config, state_dict, classes, category_ids,
+    iterations, selection}, "history": DataFrame, "val_history": DataFrame,
+    "skipped_steps": int}``.
+
+    ``stuff_segments`` (the table of that name; None or empty for instance sources) is read
+    by semantic families only: their model gets ``stuff_classes`` = the number of stuff
+    categories, their targets ``semantic`` maps, and the model dict ``stuff_category_ids``
+    and ``stuff_classes`` ({semantic label: category id / name}). A semantic family on
+    categories without stuff is a ValueError.
 
     World size 1: in this process. Above 1: DDP workers on this node, and on every node the
     result of global rank 0 (the same dict on each). ``callbacks``: extra training callbacks
@@ -146,8 +211,11 @@ def fit(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
     when a worker fails or is killed, saying how to resume.
     """
     launch = config.distributed
-    args = (images, instances, categories, str(root), config, tuple(callbacks))
+    args = (images, instances, categories, str(root), config, tuple(callbacks),
+            stuff_segments)
     world = launch.nnodes * launch.nproc_per_node
+    if is_semantic(config):  # here, not in each worker
+        check_stuff_categories(categories, images, config)
     if world <= 1:
         return _fit_here(*args)
     logger.info("training with DDP: %d node(s) x %d worker(s) = world size %d (this node: "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from instseg_pipeline.data.tables import label_mapping, tables_to_coco
+from instseg_pipeline.data.tables import label_mapping, tables_to_coco, thing_categories
 from instseg_pipeline.engine import distributed
 from instseg_pipeline.engine.callbacks import Callback
 from instseg_pipeline.evaluation.coco import coco_stats
@@ -33,8 +33,10 @@ class BestModelSelector(Callback):
                  iou_type: str = "segm", batch_size: int = 4):
         self.images, self.root, self.every = images, root, int(every_epochs)
         self.iou_type, self.batch_size = iou_type, batch_size
+        # things only: a panoptic family's stuff is not an instance AP class, and its
+        # eval output's "semantic" map is not read here
         self.gt = tables_to_coco(images, instances[instances["image_id"].isin(
-            images["image_id"])], categories)
+            images["image_id"])], thing_categories(categories))
         self.to_category = {label: cat for cat, label in label_mapping(categories).items()}
         self.history: list[dict] = []
         self.best_state: dict | None = None

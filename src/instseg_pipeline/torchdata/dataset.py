@@ -30,7 +30,8 @@ from torch.utils.data import (
 
 from instseg_pipeline.data import images as image_io
 from instseg_pipeline.data.masks import decode_strings
-from instseg_pipeline.data.tables import label_mapping, select_split
+from instseg_pipeline.data.semantic import decode_semantic, group_segments
+from instseg_pipeline.data.tables import IGNORE_LABEL, label_mapping, select_split, stuff_mapping
 from instseg_pipeline.predict.preprocess import to_tensor
 from instseg_pipeline.torchdata.augment import seed_augmentation
 
@@ -82,22 +83,45 @@ def _keep_visible(masks: np.ndarray, labels: np.ndarray):
     return masks[keep], labels[keep], boxes[keep], area[keep]
 
 
-def _augment(augmentation, image: np.ndarray, masks: np.ndarray, labels: np.ndarray):
-    """Apply an albumentations Compose; masks whose box albumentations dropped go too."""
+def _augment(augmentation, image: np.ndarray, masks: np.ndarray, labels: np.ndarray,
+             semantic: np.ndarray | None = None):
+    """Apply an albumentations Compose; masks whose box albumentations dropped go too.
+
+    ``semantic`` (int64 [H, W], optional) goes through the same geometric transforms as
+    the single ``mask`` target; returns (image, masks, labels, semantic or None). It travels
+    as uint8 label + 1, so the masks' fill value 0 (padding, affine borders) comes back as
+    `IGNORE_LABEL`, never as `THINGS_LABEL`.
+    """
     data = {"image": image}
     if len(masks):  # some 2.x transforms cannot stack an empty list of masks
         data["masks"] = masks
+    if semantic is not None:
+        data["mask"] = _shift_semantic(semantic)
     if "bboxes" in augmentation.processors:
         data.update(bboxes=masks_to_boxes(masks).reshape(-1, 4), labels=labels.tolist(),
                     instance_index=list(range(len(masks))))
     out = augmentation(**data)
     out_masks = np.asarray(out.get("masks", masks), dtype=np.uint8).reshape(
         -1, *out["image"].shape[:2])
+    out_semantic = None if semantic is None else _unshift_semantic(out["mask"])
     if "bboxes" not in augmentation.processors:
-        return out["image"], out_masks, labels
+        return out["image"], out_masks, labels, out_semantic
     # albumentations returns label fields as floats
     kept = np.asarray(out["instance_index"], dtype=np.int64)
-    return out["image"], out_masks[kept], labels[kept]
+    return out["image"], out_masks[kept], labels[kept], out_semantic
+
+
+def _shift_semantic(semantic: np.ndarray) -> np.ndarray:
+    """uint8 label + 1 (void -> 0) of an int64 semantic map: 0 is the masks' fill value."""
+    return np.where(semantic == IGNORE_LABEL, 0, semantic + 1).astype(np.uint8)
+
+
+def _unshift_semantic(shifted: np.ndarray) -> np.ndarray:
+    """The int64 semantic map of `_shift_semantic`'s uint8 map (0 -> void)."""
+    shifted = np.asarray(shifted).astype(np.int64)
+    if shifted.ndim == 3:  # albumentations may hand a mask back as [H, W, 1]
+        shifted = shifted[..., 0]
+    return np.where(shifted == 0, IGNORE_LABEL, shifted - 1)
 
 
 class InstanceDataset(Dataset):
@@ -108,11 +132,17 @@ class InstanceDataset(Dataset):
     [N, H, W], image_id int, area float32 [N], iscrowd int64 [N] (all 0: crowd regions are
     left out of training targets). ``images`` (the split, in dataset order) and
     ``label_names`` ({label: category name}) are public attributes.
+
+    With ``semantic`` (a panoptic family) the target also holds ``semantic`` int64 [H, W]
+    (`data.semantic`): 0 on every thing pixel (crowd included), 1..S on the pixels of the
+    ``stuff_segments`` rows (``stuff_mapping`` / ``stuff_names`` say which category), 255
+    void, augmented with the image. Without it ``stuff_segments`` is not read.
     """
 
     def __init__(self, images: pd.DataFrame, instances: pd.DataFrame,
                  categories: pd.DataFrame, root: str | Path, split: str | None = None,
-                 augmentation=None, seed: int = 0):
+                 augmentation=None, seed: int = 0, stuff_segments: pd.DataFrame | None = None,
+                 semantic: bool = False):
         images, instances = select_split(images, instances, split)
         self.images = images.reset_index(drop=True)
         self.root = Path(root)
@@ -127,6 +157,28 @@ class InstanceDataset(Dataset):
         self._instances = self._group_instances(instances[~crowd])
         logger.info("dataset split=%s: %d images, %d instances (%d crowd regions left out)",
                     split, len(self.images), int((~crowd).sum()), int(crowd.sum()))
+        self.semantic = bool(semantic)
+        self.stuff_mapping = stuff_mapping(categories) if self.semantic else {}
+        self.stuff_names = {self.stuff_mapping[int(c)]: str(n) for c, n in
+                            zip(categories["category_id"], categories["name"])
+                            if int(c) in self.stuff_mapping}
+        self._segments = self._group_segments(instances, stuff_segments, categories)
+
+    def _group_segments(self, instances: pd.DataFrame, stuff_segments: pd.DataFrame | None,
+                        categories: pd.DataFrame) -> dict:
+        """{image_id: `data.semantic.ImageSegments`} of this split (semantic only)."""
+        if not self.semantic:
+            return {}
+        if stuff_segments is not None and len(stuff_segments):
+            stuff_segments = stuff_segments[stuff_segments["image_id"].isin(
+                self.images["image_id"])]
+        else:
+            stuff_segments = None
+        grouped = group_segments(instances, stuff_segments, categories)
+        logger.info("semantic targets: %d stuff classes, %d stuff segments",
+                    len(self.stuff_mapping),
+                    0 if stuff_segments is None else len(stuff_segments))
+        return grouped
 
     def _group_instances(self, instances: pd.DataFrame) -> dict[int, tuple[list, list]]:
         """{image_id: (rle strings, contiguous labels)} of the non-crowd instances."""
@@ -159,14 +211,26 @@ class InstanceDataset(Dataset):
         masks = decode_strings(rles, height, width)
         return image, masks, np.asarray(labels, dtype=np.int64), image_id
 
+    def semantic_target(self, index: int) -> np.ndarray:
+        """int64 [H, W] semantic map of sample ``index`` before augmentation."""
+        row = self.images.iloc[index]
+        return decode_semantic(self._segments.get(int(row["image_id"])), int(row["height"]),
+                               int(row["width"]))
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
         image, masks, labels, image_id = self._raw(index)
+        semantic = self.semantic_target(index) if self.semantic else None
         masks, labels, _, _ = _keep_visible(masks, labels)
         if self.augmentation is not None:
             seed_augmentation(self.augmentation, derive_seed(self.seed, self.epoch, index))
-            image, masks, labels = _augment(self.augmentation, image, masks, labels)
+            image, masks, labels, semantic = _augment(self.augmentation, image, masks, labels,
+                                                      semantic)
         masks, labels, boxes, area = _keep_visible(masks, labels)
-        return _to_tensors(image, masks, labels, boxes, area, image_id)
+        image, target = _to_tensors(image, masks, labels, boxes, area, image_id)
+        if semantic is not None:
+            target["semantic"] = torch.from_numpy(np.ascontiguousarray(semantic,
+                                                                       dtype=np.int64))
+        return image, target
 
 
 def _to_tensors(image, masks, labels, boxes, area, image_id) -> tuple[torch.Tensor, dict]:

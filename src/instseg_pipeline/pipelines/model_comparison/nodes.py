@@ -66,8 +66,8 @@ def _run_params(training: dict) -> dict:
 
 
 def compare_models(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                   source: dict, training: dict, evaluation: dict, export: dict,
-                   model_comparison: dict) -> pd.DataFrame:
+                   stuff_segments: pd.DataFrame, source: dict, training: dict,
+                   evaluation: dict, export: dict, model_comparison: dict) -> pd.DataFrame:
     """Train, evaluate and time every model of ``model_comparison.models``; one row each."""
     config = ModelComparisonConfig.from_params(model_comparison)
     compare.check_models(config.models)
@@ -84,7 +84,8 @@ def compare_models(images: pd.DataFrame, instances: pd.DataFrame, categories: pd
         with model_run(name, recorded[name]) as run:
             row, result = compare.compare_model(
                 name, images, instances, categories, root, budgets[name], evaluation_config,
-                config.speed, export_config.opset, as_dict(export_config.session))
+                config.speed, export_config.opset, as_dict(export_config.session),
+                stuff_segments=stuff_segments)
             if run is not None:
                 _track_model(row, result)
         rows.append(row)

@@ -10,7 +10,8 @@ from .nodes import compare_models, plot_model_comparison
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        Node(compare_models, ["images", "instances", "categories", "params:source",
+        Node(compare_models, ["images", "instances", "categories", "stuff_segments",
+                              "params:source",
                               "params:training", "params:evaluation", "params:export",
                               "params:model_comparison"], "model_comparison",
              name="compare_models"),

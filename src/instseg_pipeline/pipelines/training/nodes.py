@@ -14,22 +14,28 @@ logger = logging.getLogger(__name__)
 
 
 def preview_augmentation(images: pd.DataFrame, instances: pd.DataFrame,
-                         categories: pd.DataFrame, source: dict, training: dict):
-    """A grid of augmented training samples with their masks and boxes."""
+                         categories: pd.DataFrame, stuff_segments: pd.DataFrame, source: dict,
+                         training: dict):
+    """A grid of augmented training samples with their masks and boxes (``stuff_segments``:
+    read by semantic families, empty for instance sources)."""
     from instseg_pipeline.engine.fit import build_datasets
     from instseg_pipeline.viz.training import augmentation_preview
 
     config = TrainingConfig.from_params(training)
     root = SourceConfig.from_params(source).root
-    train, _ = build_datasets(images, instances, categories, root, config)
+    train, _ = build_datasets(images, instances, categories, root, config, stuff_segments)
     figure = augmentation_preview(train, n=config.preview_samples, seed=config.seed)
     tracking.log_figure(figure, "augmentation_preview.png")
     return figure
 
 
 def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                source: dict, training: dict) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+                stuff_segments: pd.DataFrame, source: dict, training: dict
+                ) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Train on the train split; weights + rebuild config, loss history, val losses.
+
+    ``stuff_segments`` (empty for instance sources) gives a semantic family its stuff
+    targets; its model dict then also names the stuff classes (`engine.fit.fit`).
 
     Losses, lr, speed and validation results reach MLflow while the run goes (tracking on)
     and TensorBoard (``training.tensorboard``); the model remembers its MLflow run.
@@ -41,7 +47,8 @@ def train_model(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.Da
     run_id = tracking.active_run_id()
     callbacks = [c for c in (tracking.live_metrics(config.log_every),
                              tensorboard_logger(config, images, root, run_id)) if c]
-    result = fit(images, instances, categories, root, config, callbacks=callbacks)
+    result = fit(images, instances, categories, root, config, callbacks=callbacks,
+                 stuff_segments=stuff_segments)
     if result["skipped_steps"]:
         logger.warning("%d steps skipped for non-finite losses", result["skipped_steps"])
     model = {**result["model"], "mlflow_run_id": run_id} if run_id else result["model"]
