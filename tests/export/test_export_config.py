@@ -11,7 +11,8 @@ def test_mistyped_key_names_its_dotted_path():
     with pytest.raises(ConfigError) as info:
         ExportConfig.from_params({"parity": {"box_atoll": 2.0}})
     assert str(info.value) == ("export.parity.box_atoll: unknown key; known: box_atol, "
-                               "mask_iou_min, match_iou, num_images, score_atol")
+                               "mask_iou_min, match_iou, num_images, score_atol, "
+                               "semantic_agreement_min")
 
 
 def test_mistyped_value_names_its_dotted_path_and_the_expected_type():

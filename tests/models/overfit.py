@@ -5,6 +5,10 @@ post-processing agree (a family that cannot memorise four images has a bug, not 
 image in the ``train`` split); `overfit` trains a model on them through the project's
 engine (`engine.fit.fit`) and returns its COCO mask and box AP on the same four images
 through the one inference path (`predict.batch.predict_images`) and the COCO evaluation.
+`overfit_panoptic` does the same for a semantic family with the source's stuff (sky and
+ground) and returns its PQ: instances and semantic maps combined by
+`predict.panoptic.panoptic_outputs` (`combine_panoptic`), scored by
+`evaluation.panoptic.pq_from_predictions` against things + stuff segments.
 """
 from __future__ import annotations
 
@@ -33,12 +37,38 @@ ENGINE = {"batch_size": 2, "warmup_iters": 20, "warmup_factor": 0.1, "threads": 
           "scheduler": {"name": "cosine"}, "device": "cpu"}
 
 
-def overfit_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """images (all ``train``), instances, categories of four synthetic images under root."""
+def _ingested(root: Path) -> tuple[pd.DataFrame, ...]:
+    """images (all ``train``), instances, categories, stuff_segments under root."""
     source = {"type": "synthetic", "root": str(root), "synthetic": dict(SYNTHETIC)}
     generate_synthetic_data(source)
-    images, instances, categories, _, _ = ingest_source(source)
-    return images.assign(split="train"), instances, categories
+    images, instances, categories, stuff_segments, _ = ingest_source(source)
+    return images.assign(split="train"), instances, categories, stuff_segments
+
+
+def overfit_tables(root: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """images (all ``train``), instances, categories of four synthetic images under root."""
+    return _ingested(root)[:3]
+
+
+def _train(tmp_path: Path, tables: tuple, model: Mapping, iters: int, lr: float,
+           optimizer: str, engine: Mapping) -> dict:
+    """`engine.fit.fit` on ``tables`` (images, instances, categories[, stuff_segments])."""
+    config = TrainingConfig.from_params({
+        **ENGINE, **engine, "checkpoint_dir": str(tmp_path / "ckpt"), "max_iters": iters,
+        "model": dict(model),
+        "optimizer": {"name": optimizer, "lr": lr, "weight_decay": 0.0001}})
+    threads = torch.get_num_threads()
+    try:
+        return fit(*tables[:3], str(tmp_path / "overfit_data"), config,
+                   stuff_segments=tables[3] if len(tables) > 3 else None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _predictions(network, images: pd.DataFrame, categories: pd.DataFrame, root: Path):
+    to_category = {label: cat for cat, label in label_mapping(categories).items()}
+    return predict_images(network, images, root, to_category, batch_size=1, device="cpu",
+                          score_threshold=0.05)
 
 
 def overfit(tmp_path: Path, model: Mapping, iters: int, lr: float,
@@ -47,21 +77,35 @@ def overfit(tmp_path: Path, model: Mapping, iters: int, lr: float,
     ``{"segm": mask AP, "bbox": box AP, "history": loss DataFrame}`` on the same images."""
     root = tmp_path / "overfit_data"
     images, instances, categories = overfit_tables(root)
-    config = TrainingConfig.from_params({
-        **ENGINE, **engine, "checkpoint_dir": str(tmp_path / "ckpt"), "max_iters": iters,
-        "model": dict(model),
-        "optimizer": {"name": optimizer, "lr": lr, "weight_decay": 0.0001}})
-    threads = torch.get_num_threads()
-    try:
-        result = fit(images, instances, categories, str(root), config)
-    finally:
-        torch.set_num_threads(threads)
+    result = _train(tmp_path, (images, instances, categories), model, iters, lr, optimizer,
+                    engine)
     saved = result["model"]
     network = load_model(saved["config"], saved["state_dict"])
-    to_category = {label: cat for cat, label in label_mapping(categories).items()}
-    predictions = predict_images(network, images, root, to_category, batch_size=1,
-                                 device="cpu", score_threshold=0.05)
+    predictions = _predictions(network, images, categories, root)
     scored = images.assign(split="val")
     metrics = coco_metrics(scored, instances, categories, predictions, "val")["metrics"]
     return {"segm": metrics["segm"]["mAP"], "bbox": metrics["bbox"]["mAP"],
             "history": result["history"]}
+
+
+def overfit_panoptic(tmp_path: Path, model: Mapping, iters: int, lr: float,
+                     optimizer: str = "adamw", **engine) -> dict:
+    """Train a semantic family's ``model`` on the four images with their stuff for ``iters``
+    steps; return ``{"pq": pq_metrics (all / things / stuff), "model": the saved model dict,
+    "history": loss DataFrame}`` on the same images."""
+    from instseg_pipeline.evaluation.panoptic import pq_from_predictions
+    from instseg_pipeline.predict.batch import semantic_maps
+    from instseg_pipeline.predict.panoptic import panoptic_outputs
+
+    root = tmp_path / "overfit_data"
+    tables = _ingested(root)
+    images, instances, categories, stuff_segments = tables
+    result = _train(tmp_path, tables, model, iters, lr, optimizer, engine)
+    saved = result["model"]
+    network = load_model(saved["config"], saved["state_dict"])
+    predictions = _predictions(network, images, categories, root)
+    maps = semantic_maps(network, images, root, batch_size=1, device="cpu")
+    panoptic = panoptic_outputs(images, predictions, categories, maps,
+                                saved["stuff_category_ids"])
+    pq = pq_from_predictions(images, instances, stuff_segments, categories, panoptic)
+    return {"pq": pq, "model": saved, "history": result["history"]}

@@ -17,6 +17,7 @@ from instseg_pipeline.pipelines.evaluation.nodes import (
     compute_coco_metrics,
     compute_pq_metrics,
     predict,
+    predict_panoptic,
 )
 from instseg_pipeline.predict.predictor import Predictor
 
@@ -77,8 +78,10 @@ def test_evaluation_nodes_and_predictor_take_every_family(tmp_path, tables, name
     assert {"image_id", "score", "rle", "category_id"} <= set(predictions.columns)
     coco, _ = compute_coco_metrics(images, instances, categories, predictions, evaluation)
     assert 0.0 <= coco["segm"]["mAP"] <= 1.0 and 0.0 <= coco["bbox"]["mAP"] <= 1.0
-    pq = compute_pq_metrics(images, instances, categories, predictions, evaluation)
-    assert {"all", "things"} <= set(pq)
+    panoptic = predict_panoptic(model, images, categories, predictions, source, evaluation)
+    stuff = instances.iloc[:0]
+    pq = compute_pq_metrics(images, instances, stuff, categories, panoptic, evaluation)
+    assert {"all", "things"} <= set(pq) and pq["stuff"]["n"] == 0
     cityscapes = compute_cityscapes_metrics(images, instances, categories, predictions,
                                             source, evaluation)
     assert "AP" in cityscapes

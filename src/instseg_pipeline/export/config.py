@@ -20,6 +20,7 @@ class ParityConfig:
     score_atol: float = 0.005               # also the band around the score threshold
     mask_iou_min: float = 0.9               # per matched instance, masks at 0.5
     match_iou: float = 0.5                  # box IoU pairing same-label detections
+    semantic_agreement_min: float = 0.99    # semantic family: share of pixels labelled alike
 
 
 @dataclass(frozen=True, kw_only=True)

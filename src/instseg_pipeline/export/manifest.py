@@ -6,10 +6,13 @@ Written by `export.onnx.export_onnx` as ``<model>.manifest.json`` (the names in
     {"format": "instseg-onnx", "format_version": 1, "onnx_file": "model.onnx",
      "sha256": "<hex digest of the .onnx file>", "classes": {"1": "name", ...},
      "opset": 17, "config": {<model config>}, "iterations": 1200,
-     "category_ids": {"1": 18, ...}, "input": {...}, "outputs": {...}, "versions": {...}}
+     "category_ids": {"1": 18, ...}, "input": {...}, "outputs": {...}, "versions": {...},
+     "stuff_classes": {"1": "sky", ...}, "stuff_category_ids": {"1": 119, ...}}
 
 ``sha256`` and ``classes`` are required, ``iterations`` and ``category_ids`` (model label ->
-dataset category id, identity when absent) optional; a file whose digest differs is
+dataset category id, identity when absent) optional; a semantic family's manifest also has
+``stuff_classes`` (semantic label 1..S -> name) and ``stuff_category_ids`` (semantic label
+-> stuff category id), and its ``outputs`` list ``semantic``; a file whose digest differs is
 refused. ``input`` and ``outputs`` state the graph's contract (`INPUT_POLICY`,
 `OUTPUT_LAYOUT`).
 
@@ -46,6 +49,11 @@ OUTPUT_LAYOUT = {  # the raw outputs of `predict.backends` (OUTPUT_NAMES)
     "scores": "float32 [N] in [0, 1], best first",
     "masks": "float32 [N, 1, H, W] probabilities at input size (threshold 0.5)",
 }
+SEMANTIC_LAYOUT = {  # the fifth output of a semantic family
+    "semantic": "int64 [H, W] labels at input size: 0 things, 1..S stuff (keys of "
+                "stuff_classes)",
+}
+STUFF_KEYS = ("stuff_classes", "stuff_category_ids")
 
 
 class ManifestError(ValueError):
@@ -78,25 +86,43 @@ def manifest_path(onnx_path: str | Path) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.manifest.json")
 
 
+def stuff_entries(stuff_classes: Mapping | None, stuff_category_ids: Mapping | None) -> dict:
+    """``{"stuff_classes": {"k": name}, "stuff_category_ids": {"k": id}}`` with the given
+    ones (JSON-friendly keys, as ``classes``); empty for a model without stuff."""
+    out = {}
+    if stuff_classes is not None:
+        out["stuff_classes"] = {str(int(k)): str(v) for k, v in stuff_classes.items()}
+    if stuff_category_ids is not None:
+        out["stuff_category_ids"] = {str(int(k)): int(v) for k, v in stuff_category_ids.items()}
+    return out
+
+
 def build_manifest(onnx_path: Path, opset: int, example_size: tuple[int, int],
                    classes: Mapping | None, config: Mapping | None,
-                   exporter: str = "torchscript", **extra) -> dict:
-    """The manifest of an exported file (SHA-256 computed here)."""
+                   exporter: str = "torchscript", semantic: bool = False,
+                   stuff_classes: Mapping | None = None,
+                   stuff_category_ids: Mapping | None = None, **extra) -> dict:
+    """The manifest of an exported file (SHA-256 computed here). ``semantic``: the graph
+    has the ``semantic`` output (`SEMANTIC_LAYOUT`)."""
+    outputs = {**OUTPUT_LAYOUT, **(SEMANTIC_LAYOUT if semantic else {})}
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "onnx_file": onnx_path.name, "sha256": file_sha256(onnx_path),
             "classes": {str(int(k)): str(v) for k, v in (classes or {}).items()},
             "opset": int(opset), "config": dict(config or {}), "exporter": exporter,
             "example_size": [int(s) for s in example_size], "input": INPUT_POLICY,
-            "outputs": OUTPUT_LAYOUT, "versions": library_versions(), **extra}
+            "outputs": outputs, "versions": library_versions(),
+            **stuff_entries(stuff_classes, stuff_category_ids), **extra}
 
 
 def torch_only_manifest(family: str, reason: str, classes: Mapping | None,
-                        config: Mapping | None, **extra) -> dict:
+                        config: Mapping | None, stuff_classes: Mapping | None = None,
+                        stuff_category_ids: Mapping | None = None, **extra) -> dict:
     """The manifest of a model whose family cannot be exported: no graph, the reason."""
     return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION, "exported": False,
             "family": family, "reason": reason, "onnx_file": None,
             "classes": {str(int(k)): str(v) for k, v in (classes or {}).items()},
-            "config": dict(config or {}), **extra}
+            "config": dict(config or {}),
+            **stuff_entries(stuff_classes, stuff_category_ids), **extra}
 
 
 def not_exported_reason(manifest: Mapping) -> str | None:
@@ -139,7 +165,8 @@ def find_manifest(onnx_path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict:
-    """The manifest at ``path``, checked for its required keys; classes keyed by int."""
+    """The manifest at ``path``, checked for its required keys; classes (and a semantic
+    model's stuff_classes and stuff_category_ids) keyed by int."""
     path = Path(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -155,4 +182,12 @@ def read_manifest(path: str | Path) -> dict:
     except (AttributeError, ValueError):
         raise ManifestError(f"{path}: manifest classes must map integer labels to names"
                             ) from None
+    for key, cast in (("stuff_classes", str), ("stuff_category_ids", int)):
+        if key not in manifest:
+            continue
+        try:
+            manifest[key] = {int(k): cast(v) for k, v in manifest[key].items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ManifestError(f"{path}: manifest {key} must map integer semantic labels to "
+                                f"{'names' if cast is str else 'category ids'}") from None
     return manifest

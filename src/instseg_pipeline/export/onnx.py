@@ -3,7 +3,9 @@
 The exported graph takes ONE image, float32 ``[3, H, W]`` RGB in [0, 1], any H and W (the
 network resizes and normalises inside), and returns ``boxes`` float32 [N, 4] xyxy in input
 pixels, ``labels`` int64 [N], ``scores`` float32 [N], ``masks`` float32 [N, 1, H, W]
-probabilities pasted at input size: the layout of the eager model's output.
+probabilities pasted at input size: the layout of the eager model's output. A semantic
+family (Panoptic FPN) adds a fifth output, ``semantic`` int64 [H, W] (labels 0..S at input
+size), and its manifest names the stuff labels (``stuff_classes``, ``stuff_category_ids``).
 
 Known traps of tracing torchvision's Mask R-CNN, and what this module does about them:
 
@@ -39,7 +41,7 @@ from instseg_pipeline.export.manifest import (
     manifest_path,
     write_manifest,
 )
-from instseg_pipeline.predict.backends import OUTPUT_NAMES, TorchBackend
+from instseg_pipeline.predict.backends import OUTPUT_NAMES, SEMANTIC_NAME, TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
 
 logger = logging.getLogger(__name__)
@@ -71,10 +73,20 @@ def _example(network, example: np.ndarray | None, example_size: tuple[int, int])
     return torch.from_numpy(image), found
 
 
-def _dynamic_axes() -> dict:
+def output_names(network) -> list[str]:
+    """The graph's output names: `OUTPUT_NAMES`, then ``semantic`` for a semantic family
+    (the order of the eager output dict, which the tracer flattens)."""
+    from instseg_pipeline.models import family_of
+
+    return [*OUTPUT_NAMES, *([SEMANTIC_NAME] if family_of(network).semantic else [])]
+
+
+def _dynamic_axes(names: list[str]) -> dict:
     axes = {INPUT_NAME: {1: "height", 2: "width"}}
     axes.update({name: {0: "detections"} for name in OUTPUT_NAMES})
     axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    if SEMANTIC_NAME in names:
+        axes[SEMANTIC_NAME] = {0: "height", 1: "width"}
     return axes
 
 
@@ -104,21 +116,25 @@ def _trace_to_onnx(network, example, path: Path, opset: int, exact_resize: bool)
             warnings.filterwarnings("ignore", category=FutureWarning, module=module)
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+        names = output_names(network)
         torch.onnx.export(network, ([example],), str(path), dynamo=spec.exporter == "dynamo",
                           opset_version=int(opset), input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_axes=_dynamic_axes(),
+                          output_names=names, dynamic_axes=_dynamic_axes(names),
                           do_constant_folding=True)
 
 
 def export_onnx(network, path: str | Path, opset: int = DEFAULT_OPSET,
                 example_size: tuple[int, int] = (224, 256), example: np.ndarray | None = None,
                 classes: Mapping | None = None, config: Mapping | None = None,
-                exact_resize: bool = True, **extra) -> dict:
+                exact_resize: bool = True, stuff_classes: Mapping | None = None,
+                stuff_category_ids: Mapping | None = None, **extra) -> dict:
     """Export ``network`` (eval mode, CPU) to ``path``; write and return its manifest.
 
     ``example``: uint8 RGB ``[H, W, 3]`` to trace with (it must yield detections); without
     it a seeded noise image of ``example_size`` ``(H, W)`` is used. ``classes`` maps label
-    -> name, ``config`` is the `models.model_config` the network was built from; ``extra``
+    -> name, ``config`` is the `models.model_config` the network was built from;
+    ``stuff_classes`` (semantic label -> name) and ``stuff_category_ids`` (semantic label ->
+    stuff category id) of a semantic family go into the manifest when given; ``extra``
     keys (e.g. ``iterations``) go into the manifest as they are. ``exact_resize=False``
     keeps torchvision's float32 resize arithmetic (see the module doc; for comparisons).
     """
@@ -141,6 +157,9 @@ def export_onnx(network, path: str | Path, opset: int = DEFAULT_OPSET,
                 opset, *size, found, time.perf_counter() - started)
     manifest = build_manifest(path, opset, size, classes, config,
                               exporter=spec.exporter,
+                              semantic=SEMANTIC_NAME in output_names(network),
+                              stuff_classes=stuff_classes,
+                              stuff_category_ids=stuff_category_ids,
                               resize="float64, as eager" if exact_resize else "float32",
                               **extra)
     write_manifest(manifest, manifest_path(path))

@@ -6,7 +6,9 @@ gate holds for whatever thresholds serving later applies. Detections pair up by 
 within a label; paired boxes, scores and masks must agree within `DEFAULT_PARITY`
 tolerances (``export.parity`` parameters override). Detections at a cut (the score
 threshold, the top-k limit) may exist on one side only (`marginal_detections`), and on a
-flat image differences are reported, not gated (`ungate_flat`).
+flat image differences are reported, not gated (`ungate_flat`). A semantic family's maps
+must give the same label on at least ``semantic_agreement_min`` of the pixels
+(`compare_semantic`; gated on every image, flat ones included: no proposal ties there).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 from instseg_pipeline.config_schema import as_dict
 from instseg_pipeline.export.config import ParityConfig
 from instseg_pipeline.export.onnx import create_session
-from instseg_pipeline.predict.backends import OnnxBackend, TorchBackend
+from instseg_pipeline.predict.backends import SEMANTIC_NAME, OnnxBackend, TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,36 @@ def compare_detections(eager: Mapping, onnx: Mapping, limits: Mapping) -> dict:
             "failures": failures, "passed": not failures}
 
 
+def compare_semantic(eager: Mapping, onnx: Mapping, limits: Mapping) -> dict:
+    """``{"semantic_agreement": share of pixels where the two maps agree, "failures": [...]}``
+    for a semantic family's outputs; ``{}`` when eager has no semantic map."""
+    if SEMANTIC_NAME not in eager:
+        return {}
+    if SEMANTIC_NAME not in onnx:
+        return {"semantic_agreement": None,
+                "failures": ["the ONNX graph has no semantic output; the eager model has one"]}
+    a, b = np.asarray(eager[SEMANTIC_NAME]), np.asarray(onnx[SEMANTIC_NAME])
+    if a.shape != b.shape:
+        return {"semantic_agreement": None,
+                "failures": [f"onnx semantic map has shape {b.shape}, eager {a.shape}"]}
+    agreement = float((a == b).mean()) if a.size else 1.0
+    failures = []
+    if agreement < limits["semantic_agreement_min"]:
+        failures.append(f"semantic map agrees on {agreement:.4f} of the pixels < "
+                        f"semantic_agreement_min {limits['semantic_agreement_min']}")
+    return {"semantic_agreement": agreement, "failures": failures}
+
+
+def _with_semantic(record: dict, eager: Mapping, onnx: Mapping, limits: Mapping) -> dict:
+    """``record`` with the semantic comparison (`compare_semantic`) merged in."""
+    semantic = compare_semantic(eager, onnx, limits)
+    if not semantic:
+        return record
+    failures = [*record["failures"], *semantic["failures"]]
+    return {**record, "semantic_agreement": semantic["semantic_agreement"],
+            "failures": failures, "passed": not failures}
+
+
 def parity_limits(network, params: Mapping | None) -> dict:
     """Tolerances (`DEFAULT_PARITY`, ``params`` override) plus the network's own cuts."""
     limits = {**DEFAULT_PARITY, **{k: v for k, v in (params or {}).items()
@@ -229,7 +261,7 @@ def _image_record(eager_backend: TorchBackend, onnx_backend: OnnxBackend, image:
         record = ungate_flat(record)
         for note in record.get("notes", []):
             logger.warning("ONNX parity, image %s (flat, not gated): %s", image_id, note)
-    return record
+    return _with_semantic(record, eager, onnx, limits)
 
 
 def _summary(records: list[dict], limits: Mapping) -> dict:
@@ -242,6 +274,7 @@ def _summary(records: list[dict], limits: Mapping) -> dict:
             "max_box_diff": worst("max_box_diff", max),
             "max_score_diff": worst("max_score_diff", max),
             "min_mask_iou": worst("min_mask_iou", min),
+            "min_semantic_agreement": worst("semantic_agreement", min),
             "no_detection_case_covered": any(r.get("eager_detections") == 0 for r in blank),
             "tolerances": dict(limits)}
 
@@ -257,8 +290,10 @@ def check_parity(network, onnx_path: str | Path | bytes, images: Sequence[np.nda
     thresholded at 0.5), match_iou (box IoU to pair detections of the same label). On a
     flat image (one colour) differences in detections are reported, not gated
     (`ungate_flat`).
-    Returns ``{"passed", "max_box_diff", "max_score_diff", "min_mask_iou", "images": n,
-    "per_image": [...], "tolerances"}``; raising is the caller's call (`raise_on_failure`).
+    A semantic family's maps are compared too (``semantic_agreement_min``).
+    Returns ``{"passed", "max_box_diff", "max_score_diff", "min_mask_iou",
+    "min_semantic_agreement" (None without semantic maps), "images": n, "per_image": [...],
+    "tolerances"}``; raising is the caller's call (`raise_on_failure`).
     """
     limits = parity_limits(network, params)
     eager = TorchBackend(network, "cpu")
@@ -268,8 +303,10 @@ def check_parity(network, onnx_path: str | Path | bytes, images: Sequence[np.nda
                for image, image_id in zip(images, ids)]
     report = {**_summary(records, limits), "per_image": records}
     logger.info("ONNX parity %s on %d images: max box diff %s px, max score diff %s, "
-                "min mask IoU %s", "passed" if report["passed"] else "FAILED", len(records),
-                report["max_box_diff"], report["max_score_diff"], report["min_mask_iou"])
+                "min mask IoU %s, min semantic agreement %s",
+                "passed" if report["passed"] else "FAILED", len(records),
+                report["max_box_diff"], report["max_score_diff"], report["min_mask_iou"],
+                report["min_semantic_agreement"])
     return report
 
 

@@ -26,6 +26,8 @@ only this contract; a new family is one module and one registry line.
 
     name: maskrcnn_tiny | maskrcnn_resnet50_fpn | maskrcnn_resnet50_fpn_v2
           | maskrcnn_mobilenet_v3_large_fpn
+          | panoptic_fpn_tiny | panoptic_fpn_resnet50
+          (Panoptic FPN, `models.panoptic_fpn`: also needs stuff_classes, set by training)
     weights: null | DEFAULT | COCO_V1 | <full torchvision enum name> | path/to/checkpoint.pt
     ...                                 # the family's keys (see `models.maskrcnn`)
 

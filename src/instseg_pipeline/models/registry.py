@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from instseg_pipeline.models import maskrcnn, simpleseg, solov2, tiny, yolact
+from instseg_pipeline.models import maskrcnn, panoptic_fpn, simpleseg, solov2, tiny, yolact
 from instseg_pipeline.models.contract import ModelFamily
 
 DEFAULT_NAME = "maskrcnn_tiny"
@@ -26,6 +26,7 @@ FAMILIES: dict[str, ModelFamily] = {entry.name: entry for entry in (
     *yolact.FAMILIES,
     *solov2.FAMILIES,
     *simpleseg.FAMILIES,
+    *panoptic_fpn.FAMILIES,
 )}
 
 

@@ -3,7 +3,9 @@
 Nothing is downloaded: a torchvision weights name works only when its file already sits in
 torch's hub cache (``$TORCH_HOME/hub/checkpoints``). When the checkpoint's class count
 differs from the model's, the box and mask predictors are left freshly initialised (the
-torchvision fine-tuning recipe) and everything else is loaded.
+torchvision fine-tuning recipe) and everything else is loaded. A model may name heads that a
+detection checkpoint lacks (``optional_state_prefixes``, e.g. Panoptic FPN's semantic
+branch): a checkpoint without any of their keys leaves them fresh.
 """
 from __future__ import annotations
 
@@ -31,11 +33,15 @@ logger = logging.getLogger(__name__)
 
 WEIGHT_ENUMS = {"maskrcnn_resnet50_fpn": MaskRCNN_ResNet50_FPN_Weights,
                 "maskrcnn_resnet50_fpn_v2": MaskRCNN_ResNet50_FPN_V2_Weights,
-                "maskrcnn_mobilenet_v3_large_fpn": FasterRCNN_MobileNet_V3_Large_FPN_Weights}
+                "maskrcnn_mobilenet_v3_large_fpn": FasterRCNN_MobileNet_V3_Large_FPN_Weights,
+                # Mask R-CNN's COCO weights: everything but the semantic branch
+                "panoptic_fpn_resnet50": MaskRCNN_ResNet50_FPN_Weights}
 CLASS_KEY = "roi_heads.box_predictor.cls_score.weight"
 PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 # a detection-only checkpoint (MobileNet's COCO weights) has no mask branch
 MASK_BRANCH_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
+# a model attribute: state_dict prefixes of heads a detection checkpoint may lack
+OPTIONAL_PREFIXES_ATTRIBUTE = "optional_state_prefixes"
 
 
 class WeightsError(ValueError):
@@ -114,6 +120,10 @@ def load_weights(model: nn.Module, model_name: str, weights: str) -> str:
     state = read_state_dict(path)
     allowed_missing = MASK_BRANCH_PREFIXES if model_name == "maskrcnn_mobilenet_v3_large_fpn" \
         and not any(k.startswith(MASK_BRANCH_PREFIXES) for k in state) else ()
+    optional = tuple(getattr(model, OPTIONAL_PREFIXES_ATTRIBUTE, ()))
+    if optional and not any(k.startswith(optional) for k in state):
+        logger.info("%s has no %s: left freshly initialised", path, ", ".join(optional))
+        allowed_missing = (*allowed_missing, *optional)
     fit_state_dict(model, state, allowed_missing, source=str(path))
     return str(member or path)
 

@@ -2,8 +2,9 @@
 
 Both backends take float32 ``[3, H, W]`` in [0, 1] (`preprocess.to_chw`) and return the
 model contract's eval outputs as numpy: boxes float32 [N, 4] xyxy in input pixels, labels
-int64 [N], scores float32 [N], masks float32 [N, 1, H, W] probabilities at input size.
-Nothing is thresholded here; `postprocess` turns raw outputs into instances.
+int64 [N], scores float32 [N], masks float32 [N, 1, H, W] probabilities at input size,
+and for a semantic family (a model or graph that has it) semantic int64 [H, W], labels
+0..S at input size. Nothing is thresholded here; `postprocess` turns raw outputs into instances.
 
 torch and onnxruntime are imported inside: a process that serves the ONNX model does not
 load torch, and one that serves the torch model does not load onnxruntime.
@@ -17,6 +18,8 @@ import numpy as np
 from instseg_pipeline.predict.device import resolve_device
 
 OUTPUT_NAMES = ("boxes", "labels", "scores", "masks")
+# the fifth output of a semantic family (after OUTPUT_NAMES in an exported graph)
+SEMANTIC_NAME = "semantic"
 
 
 def forward(network, images: Sequence, device) -> list[dict]:
@@ -29,9 +32,13 @@ def forward(network, images: Sequence, device) -> list[dict]:
 
 
 def numpy_outputs(output: Mapping) -> dict[str, np.ndarray]:
-    """The four raw outputs of a torch output dict as CPU numpy arrays (float32 / int64)."""
-    return {k: output[k].cpu().numpy() if k == "labels" else output[k].float().cpu().numpy()
-            for k in OUTPUT_NAMES}
+    """The raw outputs of a torch output dict as CPU numpy arrays: the four instance
+    outputs (float32 / int64) and ``semantic`` (int64) when the output has it."""
+    out = {k: output[k].cpu().numpy() if k == "labels" else output[k].float().cpu().numpy()
+           for k in OUTPUT_NAMES}
+    if SEMANTIC_NAME in output:
+        out[SEMANTIC_NAME] = output[SEMANTIC_NAME].cpu().numpy().astype(np.int64, copy=False)
+    return out
 
 
 class TorchBackend:
@@ -63,9 +70,16 @@ class OnnxBackend:
         names = [o.name for o in session.get_outputs()]
         # exports name their outputs; an unnamed export is read in the documented order
         self.output_names = list(OUTPUT_NAMES) if set(OUTPUT_NAMES) <= set(names) else names[:4]
+        self.keys = list(OUTPUT_NAMES)
+        if SEMANTIC_NAME in names:  # a semantic family's graph
+            self.output_names.append(SEMANTIC_NAME)
+            self.keys.append(SEMANTIC_NAME)
         self.device = "cuda" if "CUDAExecutionProvider" in session.get_providers() else "cpu"
 
     def __call__(self, image: np.ndarray) -> dict[str, np.ndarray]:
         """``image`` float32 [3, H, W] in [0, 1] -> raw outputs (see the module docstring)."""
         values = self.session.run(self.output_names, {self.input_name: image})
-        return dict(zip(OUTPUT_NAMES, values))
+        out = dict(zip(self.keys, values))
+        if SEMANTIC_NAME in out:
+            out[SEMANTIC_NAME] = out[SEMANTIC_NAME].astype(np.int64, copy=False)
+        return out

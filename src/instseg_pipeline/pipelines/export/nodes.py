@@ -15,7 +15,11 @@ from instseg_pipeline.data.images import load_image
 from instseg_pipeline.export import latency as onnx_latency
 from instseg_pipeline.export import parity
 from instseg_pipeline.export.config import ExportConfig
-from instseg_pipeline.export.manifest import not_exported_reason, torch_only_manifest
+from instseg_pipeline.export.manifest import (
+    STUFF_KEYS,
+    not_exported_reason,
+    torch_only_manifest,
+)
 from instseg_pipeline.export.onnx import ExportError, export_onnx
 from instseg_pipeline.predict.backends import TorchBackend
 from instseg_pipeline.predict.preprocess import to_chw
@@ -71,8 +75,9 @@ def find_example(network, images: pd.DataFrame, root: str, limit: int) -> np.nda
         "train longer, lower the model's box_score_thresh or raise export.example_search")
 
 
-def await_evaluation(coco_metrics: dict) -> str:
-    """``"segm mAP 0.412, bbox mAP 0.398"``: the headline of the saved ``coco_metrics``.
+def await_evaluation(coco_metrics: dict, pq_metrics: dict | None = None) -> str:
+    """``"segm mAP 0.412, bbox mAP 0.398, PQ 0.700"``: the headline of the saved
+    ``coco_metrics`` and ``pq_metrics``.
 
     The node exists for the run order (see the export pipeline): taking an evaluation
     output puts the export after the evaluation's metrics and figures.
@@ -80,7 +85,19 @@ def await_evaluation(coco_metrics: dict) -> str:
     parts = [f"{kind} mAP {coco_metrics[kind]['mAP']:.3f}" for kind in ("segm", "bbox")
              if isinstance(coco_metrics.get(kind), dict)
              and isinstance(coco_metrics[kind].get("mAP"), int | float)]
+    pq = ((pq_metrics or {}).get("all") or {}).get("pq")
+    if isinstance(pq, int | float):
+        parts.append(f"PQ {pq:.3f}")
     return ", ".join(parts) or "no mAP in coco_metrics"
+
+
+def _label_maps(model: dict) -> dict:
+    """The model dict's label -> category id maps for the manifest: ``category_ids`` (things)
+    and, for a semantic family, ``stuff_classes`` and ``stuff_category_ids``; those it has."""
+    maps = {k: model[k] for k in STUFF_KEYS if model.get(k) is not None}
+    if model.get("category_ids") is not None:
+        maps["category_ids"] = {str(int(k)): int(v) for k, v in model["category_ids"].items()}
+    return maps
 
 
 def _torch_only(network, model: dict) -> dict | None:
@@ -97,7 +114,7 @@ def _torch_only(network, model: dict) -> dict | None:
                    entry.onnx.note)
     return {"onnx": None, "manifest": torch_only_manifest(
         entry.name, entry.onnx.note, model["classes"], model["config"],
-        iterations=int(model.get("iterations", 0)))}
+        iterations=int(model.get("iterations", 0)), **_label_maps(model))}
 
 
 def _skipped(onnx_model: dict, check: str) -> dict | None:
@@ -133,7 +150,7 @@ def export_model(model: dict, images: pd.DataFrame, source: dict, export: dict,
         manifest = export_onnx(
             network, path, opset=config.opset, example=example,
             classes=model["classes"], config=model["config"],
-            iterations=int(model.get("iterations", 0)))
+            iterations=int(model.get("iterations", 0)), **_label_maps(model))
         return {"onnx": path.read_bytes(), "manifest": manifest}
 
 

@@ -22,12 +22,14 @@ from kedro.pipeline import Node, Pipeline
 
 from .nodes import await_evaluation, check_onnx_parity, export_model, measure_latency
 
-# the evaluation output the export waits for (a small json, written by every evaluation)
-AFTER_EVALUATION = "coco_metrics"
+# the evaluation outputs the export waits for (small jsons, written by every evaluation):
+# coco_metrics gives the headline; pq_metrics is the deepest metric (after panoptic inference),
+# so waiting for it also puts the export after the figures drawn from it (the dashboard)
+AFTER_EVALUATION = ["coco_metrics", "pq_metrics"]
 
 
 def create_pipeline(after_evaluation: bool = False, **kwargs) -> Pipeline:
-    """The export nodes; with ``after_evaluation`` they wait for ``coco_metrics``."""
+    """The export nodes; with ``after_evaluation`` they wait for `AFTER_EVALUATION`."""
     inputs = ["images", "params:source", "params:export"]
     wait = [Node(await_evaluation, AFTER_EVALUATION, "evaluation_headline",
                  name="await_evaluation")] if after_evaluation else []
