@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,23 @@ def test_table_by_default_shows_pq_sq_rq_per_group(files):
     for group, values in expected.items():
         assert rows[group] == [f"{values[k]:.4f}" for k in ("pq", "sq", "rq")] \
             + [str(values["n"])]
+
+
+def test_pred_dir_reads_a_saved_predictions_folder(files, tmp_path):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    shutil.copy(files["pred_json"], saved / "panoptic.json")
+    shutil.copytree(files["pred_folder"], saved / "panoptic")
+    gt = ["--gt-json", str(files["gt_json"]), "--gt-folder", str(files["gt_folder"])]
+    done = _eval(*gt, "--pred-dir", str(saved), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == pq_from_files(*files.values())
+
+
+@pytest.mark.parametrize("extra", [["--pred-dir", "x", "--pred-json", "y"],
+                                   ["--pred-json", "y"], []])
+def test_predictions_named_twice_or_not_at_all_exit_2(files, extra):
+    gt = ["--gt-json", str(files["gt_json"]), "--gt-folder", str(files["gt_folder"])]
+    done = _eval(*gt, *extra)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--pred-dir" in done.stderr and "--pred-json" in done.stderr

@@ -11,7 +11,7 @@ def test_mistyped_key_names_its_dotted_path():
     with pytest.raises(ConfigError) as info:
         EvaluationConfig.from_params({"panoptic": {"min_areaa": 4}})
     assert str(info.value) == ("evaluation.panoptic.min_areaa: unknown key; known: min_area, "
-                               "overlap_threshold, score_threshold")
+                               "overlap_threshold, score_threshold, stuff_min_area")
 
 
 def test_mistyped_value_names_its_dotted_path_and_the_expected_type():

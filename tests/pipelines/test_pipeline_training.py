@@ -59,7 +59,7 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
     for figure in ("augmentation_preview.png", "training_curves.png", "dataset_statistics.png",
                    "visualisation_suite.png", "performance_dashboard.png",
                    "worst_and_best_images.png", "false_positive_gallery.png",
-                   "false_negative_gallery.png"):
+                   "false_negative_gallery.png", "panoptic_overlay.png"):
         assert list((reporting / figure).iterdir()), figure
 
     runs = _mlflow_runs(kedro_project)
@@ -68,7 +68,7 @@ def test_default_chain_writes_every_output_and_tracks_in_mlflow(kedro_project, m
         keys = {k for (k,) in db.execute("select distinct key from metrics")}
         params = {k for (k,) in db.execute("select key from params")}
     assert {"train/loss", "train/lr", "segm/mAP", "bbox/mAP", "cityscapes/AP",
-            "pixel/pixel_accuracy", "pixel/mean_mask_iou"} <= keys
+            "pixel/pixel_accuracy", "pixel/mean_mask_iou", "pq/all", "pq/things"} <= keys
     assert "training.max_iters" in params
     from mlflow.tracking import MlflowClient
 

@@ -20,16 +20,22 @@ def _history():
     return history, val
 
 
-def _dashboard(d, history=None, val_history=None):
+PQ = {"all": {"pq": 0.5, "sq": 0.8, "rq": 0.625, "n": 3},
+      "things": {"pq": 0.45, "sq": 0.75, "rq": 0.6, "n": 2},
+      "stuff": {"pq": 0.6, "sq": 0.9, "rq": 0.667, "n": 1}, "per_category": {}}
+
+
+def _dashboard(d, history=None, val_history=None, pq_metrics=None):
     return performance_dashboard(d["metrics"], d["arrays"], d["matches"], history,
                                  val_history, d["categories"], d["predictions"],
-                                 d["images"], d["instances"], d["root"])
+                                 d["images"], d["instances"], d["root"],
+                                 pq_metrics=pq_metrics)
 
 
 def test_performance_dashboard_panels(data, tmp_path):
     history, val = _history()
-    figure = _dashboard(data, history, val)
-    assert isinstance(figure, Figure) and len(figure.axes) == 11  # 7 panels + 4 images
+    figure = _dashboard(data, history, val, PQ)
+    assert isinstance(figure, Figure) and len(figure.axes) == 12  # 8 panels + 4 images
     per_class = axis_with_title(figure, "AP per class")
     labels = [t.get_text() for t in per_class.get_xticklabels()]
     assert sorted(labels) == ["circle", "square", "triangle"]
@@ -59,4 +65,22 @@ def test_dashboard_without_any_prediction(empty, tmp_path):
     figure.savefig(tmp_path / "dashboard.png", dpi=30)
     histogram = axis_with_title(figure, "mask IoU of matched")
     assert "no matched" in histogram.texts[0].get_text()
-    assert len(figure.axes) == 11
+    assert len(figure.axes) == 12
+    assert "no panoptic metrics" in axis_with_title(figure, "panoptic quality").texts[0].get_text()
+
+
+def test_dashboard_panoptic_bars_per_group(data):
+    figure = _dashboard(data, pq_metrics=PQ)
+    panel = axis_with_title(figure, "panoptic quality")
+    labels = [t.get_text() for t in panel.get_xticklabels()]
+    assert labels == ["all\n(n=3)", "things\n(n=2)", "stuff\n(n=1)"]
+    heights = {c.get_label(): [p.get_height() for p in c] for c in panel.containers}
+    assert heights["PQ"] == pytest.approx([0.5, 0.45, 0.6])
+    assert heights["RQ"] == pytest.approx([0.625, 0.6, 0.667])
+
+
+def test_dashboard_stuff_of_an_instance_model_is_not_applicable(data):
+    things_only = {**PQ, "stuff": {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}}
+    panel = axis_with_title(_dashboard(data, pq_metrics=things_only), "panoptic quality")
+    assert [p.get_height() for p in panel.containers[0]][2] == 0.0
+    assert sum(t.get_text() == "n/a" for t in panel.texts) == 3  # PQ, SQ, RQ of stuff

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-MODULES = ("overlays", "training", "draw", "suite", "dashboard", "galleries")
+MODULES = ("overlays", "training", "draw", "suite", "dashboard", "galleries", "panoptic")
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -9,10 +9,15 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from instseg_pipeline.evaluation import MetricInputError
 
 logger = logging.getLogger(__name__)
+
+# the layout of a folder saved by the panoptic_predictions dataset
+# (kedro_ext.datasets.PanopticDataset; no Kedro import here)
+PRED_DIR_JSON, PRED_DIR_PNGS = "panoptic.json", "panoptic"
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -49,8 +54,12 @@ def _build_parser() -> argparse.ArgumentParser:
                     "pq, sq, rq (fractions in [0, 1]) and n (number of categories).")
     pan.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth json")
     pan.add_argument("--gt-folder", required=True, help="folder of ground-truth PNGs")
-    pan.add_argument("--pred-json", required=True, help="COCO panoptic prediction json")
-    pan.add_argument("--pred-folder", required=True, help="folder of prediction PNGs")
+    pan.add_argument("--pred-json", help="COCO panoptic prediction json")
+    pan.add_argument("--pred-folder", help="folder of prediction PNGs")
+    pan.add_argument("--pred-dir",
+                     help="a saved panoptic_predictions version (the folder holding "
+                          f"{PRED_DIR_JSON} and {PRED_DIR_PNGS}/), instead of --pred-json "
+                          "and --pred-folder")
 
     city = commands.add_parser(
         "cityscapes", parents=[json_flag], help="Cityscapes instance-level AP and AP50 (official rules).",
@@ -81,7 +90,22 @@ def _run(args: argparse.Namespace) -> dict:
         return evaluate_folders(args.gt_folder, args.results, allow_missing=args.allow_missing)
     from instseg_pipeline.evaluation.panoptic import pq_from_files
 
-    return pq_from_files(args.gt_json, args.gt_folder, args.pred_json, args.pred_folder)
+    return pq_from_files(args.gt_json, args.gt_folder, *_prediction_files(args))
+
+
+def _prediction_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(json, PNG folder) of `panoptic`: --pred-dir or both --pred-json and --pred-folder."""
+    if args.pred_dir is not None:
+        if args.pred_json is not None or args.pred_folder is not None:
+            raise UsageError("--pred-dir replaces --pred-json and --pred-folder; give one way")
+        return Path(args.pred_dir) / PRED_DIR_JSON, Path(args.pred_dir) / PRED_DIR_PNGS
+    if args.pred_json is None or args.pred_folder is None:
+        raise UsageError("give --pred-json and --pred-folder, or --pred-dir")
+    return Path(args.pred_json), Path(args.pred_folder)
+
+
+class UsageError(MetricInputError):
+    """The command line names the inputs in a way the command cannot use."""
 
 
 def main(argv: list[str] | None = None) -> int:

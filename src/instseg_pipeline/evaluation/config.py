@@ -21,11 +21,15 @@ class CityscapesConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PanopticConfig:
-    """Instance predictions -> a non-overlapping map for PQ (`panoptic.pq_from_tables`)."""
+    """Instance predictions (+ a semantic family's stuff map) -> one non-overlapping id map
+    per image (`predict.panoptic.combine_panoptic`), then PQ."""
 
     score_threshold: float = 0.5
     overlap_threshold: float = 0.5
-    min_area: int = 1
+    min_area: int = 1                       # fewest free pixels a thing segment keeps
+    # fewest free pixels a stuff segment keeps; detectron2 uses 4096 at COCO sizes
+    # (conf/coco_panoptic), 256 suits the ~200-300 px images of the synthetic source
+    stuff_min_area: int = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +39,7 @@ class FiguresConfig:
     suite_images: int = 4                   # rows of the visualisation suite
     worst_best: int = 3                     # worst and best images shown each
     gallery: int = 12                       # crops per false-positive / false-negative gallery
+    panoptic: int = 3                       # rows of the panoptic overlay
 
 
 @dataclass(frozen=True, kw_only=True)

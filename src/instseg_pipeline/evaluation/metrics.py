@@ -16,7 +16,7 @@ from instseg_pipeline.data.tables import select_split, tables_to_coco
 from instseg_pipeline.evaluation.cityscapes import cityscapes_ap_from_tables, read_id_map
 from instseg_pipeline.evaluation.coco import coco_eval_details
 from instseg_pipeline.evaluation.matching import match_masks
-from instseg_pipeline.evaluation.panoptic import pq_from_tables
+from instseg_pipeline.evaluation.panoptic import pq_from_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,14 @@ def _gtfine_reader(root: str):
     return read
 
 
-def panoptic_metrics(images: pd.DataFrame, instances: pd.DataFrame, categories: pd.DataFrame,
-                     predictions: pd.DataFrame, split: str, **options) -> dict:
-    """Things-only PQ / SQ / RQ from instance predictions (overlaps resolved by score)."""
+def panoptic_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                     stuff_segments: pd.DataFrame | None, categories: pd.DataFrame,
+                     panoptic: dict, split: str) -> dict:
+    """PQ / SQ / RQ of panoptic predictions (`evaluation.panoptic.pq_from_predictions`) on
+    the ``split`` images: {"all", "things", "stuff"} each {"pq", "sq", "rq", "n"}, plus
+    "per_category" keyed by the category id as a string (JSON keys)."""
     images, instances = select_split(images, instances, split)
-    result = pq_from_tables(images, instances, categories, predictions, **options)
+    result = pq_from_predictions(images, instances, stuff_segments, categories, panoptic)
     return {k: v for k, v in result.items() if k != "per_category"} | {
         "per_category": {str(k): v for k, v in result.get("per_category", {}).items()}}
 

@@ -489,17 +489,32 @@ def panoptic_categories(categories: pd.DataFrame) -> list[dict]:
             for r in categories.itertuples(index=False)]
 
 
-def panoptic_gt_from_tables(image: Mapping, instances: pd.DataFrame
+def panoptic_gt_from_tables(image: Mapping, instances: pd.DataFrame,
+                            stuff: pd.DataFrame | None = None
                             ) -> tuple[np.ndarray, list[dict]]:
-    """GT id map int32 [H, W] and segments_info of one ``images`` row from its instances.
+    """GT id map int32 [H, W] and segments_info of one ``images`` row from its instances
+    and, when given, its ``stuff_segments`` rows.
 
-    ``instances`` holds that image's rows of the instances table (things only, crowd kept).
+    ``instances`` holds that image's rows of the instances table (things only, crowd kept),
+    resolved by `instances_to_panoptic_gt`. Stuff segments fill only the pixels no thing
+    mask covers (crowd included), under the same rule among themselves; their ids follow
+    the things'.
     """
     height, width = int(image["height"]), int(image["width"])
     masks = decode_strings([str(c) for c in instances["rle"]], height, width)
-    return instances_to_panoptic_gt(masks, instances["category_id"].to_numpy(),
-                                    instances["iscrowd"].to_numpy(dtype=bool),
-                                    instances["instance_id"].to_numpy())
+    ids, segments = instances_to_panoptic_gt(masks, instances["category_id"].to_numpy(),
+                                             instances["iscrowd"].to_numpy(dtype=bool),
+                                             instances["instance_id"].to_numpy())
+    if stuff is None or len(stuff) == 0:
+        return ids, segments
+    covered = masks.any(axis=0) if len(masks) else np.zeros((height, width), dtype=bool)
+    stuff_masks = decode_strings([str(c) for c in stuff["rle"]], height, width) > 0
+    stuff_ids, stuff_segments = instances_to_panoptic_gt(
+        stuff_masks & ~covered, stuff["category_id"].to_numpy(),
+        stuff["iscrowd"].to_numpy(dtype=bool), stuff["instance_id"].to_numpy())
+    offset = len(segments)
+    ids = np.where(stuff_ids > 0, stuff_ids + offset, ids).astype(np.int32)
+    return ids, segments + [{**s, "id": s["id"] + offset} for s in stuff_segments]
 
 
 def _prediction_from_table(image: Mapping, predictions: pd.DataFrame,
@@ -543,4 +558,81 @@ def pq_from_tables(images: pd.DataFrame, instances: pd.DataFrame, categories: pd
     options = {"overlap_threshold": overlap_threshold, "min_area": min_area,
                "score_threshold": score_threshold}
     samples = _table_samples(images, instances, predictions, options)
+    return pq_from_arrays(samples, panoptic_categories(categories), total=len(images))
+
+
+# ---------------------------------------------------------------- panoptic predictions
+def _predicted_categories(predictions: Mapping, categories: Mapping[int, bool]) -> set[int]:
+    """The category ids a panoptic prediction set covers (its json's "categories")."""
+    try:
+        ids = {int(c["id"]) for c in predictions["categories"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MetricInputError(f"panoptic predictions: malformed categories ({exc!r})") from None
+    unknown = sorted(ids - set(categories))
+    if unknown:
+        raise MetricInputError(f"panoptic predictions name categories {unknown} that are not "
+                               "in the categories table")
+    return ids
+
+
+def _prediction_annotations(predictions: Mapping, image_ids: Sequence[int]) -> dict:
+    _require_keys(predictions, ("annotations", "categories", "pngs"), "panoptic predictions")
+    by_image = _by_image(predictions["annotations"], "panoptic predictions")
+    unknown = sorted(set(by_image) - set(image_ids))
+    if unknown:
+        raise MetricInputError(f"panoptic predictions for images {unknown[:10]} that are not "
+                               "evaluated")
+    missing = sorted(set(image_ids) - set(by_image))
+    if missing:
+        raise MetricInputError(f"panoptic predictions have no annotation for images "
+                               f"{missing[:10]}")
+    return by_image
+
+
+def _predicted_ids(predictions: Mapping, annotation: Mapping) -> np.ndarray:
+    name = str(annotation["file_name"])
+    try:
+        return np.asarray(predictions["pngs"][name])
+    except KeyError:
+        raise MetricInputError(f"panoptic predictions: image {annotation['image_id']} names "
+                               f"PNG {name}, which is not among them") from None
+
+
+def _prediction_samples(images: pd.DataFrame, instances: pd.DataFrame,
+                        stuff_segments: pd.DataFrame, predictions: Mapping,
+                        annotations: Mapping[int, Mapping]) -> Iterator[PanopticSample]:
+    gt_groups = dict(tuple(instances.groupby("image_id")))
+    stuff_groups = dict(tuple(stuff_segments.groupby("image_id")))
+    empty_gt = instances.iloc[:0]
+    for image in images.to_dict("records"):
+        image_id = int(image["image_id"])
+        gt_ids, gt_segments = panoptic_gt_from_tables(
+            image, gt_groups.get(image_id, empty_gt), stuff_groups.get(image_id))
+        annotation = annotations[image_id]
+        yield PanopticSample(image_id, gt_ids, gt_segments,
+                             _predicted_ids(predictions, annotation),
+                             annotation["segments_info"], gt_name="ground-truth tables",
+                             pred_name=f"panoptic prediction {annotation['file_name']}")
+
+
+def pq_from_predictions(images: pd.DataFrame, instances: pd.DataFrame,
+                        stuff_segments: pd.DataFrame | None, categories: pd.DataFrame,
+                        predictions: Mapping) -> dict:
+    """PQ of panoptic predictions against the canonical tables.
+
+    ``images``: the images evaluated (select the split first), every one with an annotation
+    in ``predictions``; ``predictions``: ``{"annotations": [{"image_id", "file_name",
+    "segments_info"}], "categories": [{"id", "isthing", ...}], "pngs": {file_name: integer
+    [H, W] id map}}`` (what `predict.panoptic.panoptic_outputs` returns and the
+    ``panoptic_predictions`` dataset stores). Ground truth: the things of ``instances``
+    plus the ``stuff_segments`` of the stuff categories the predictions cover; a model
+    without stuff is scored on things only (stuff n = 0). Returns what `pq_from_arrays`
+    returns.
+    """
+    table = parse_categories(panoptic_categories(categories))
+    annotations = _prediction_annotations(predictions, images["image_id"].astype(int).tolist())
+    covered = _predicted_categories(predictions, table)
+    stuff = stuff_segments.iloc[:0] if stuff_segments is None else stuff_segments
+    stuff = stuff[stuff["category_id"].isin([c for c in covered if not table[c]])]
+    samples = _prediction_samples(images, instances, stuff, predictions, annotations)
     return pq_from_arrays(samples, panoptic_categories(categories), total=len(images))

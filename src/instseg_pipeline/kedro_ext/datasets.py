@@ -1,6 +1,7 @@
 """Catalog datasets for what kedro-datasets has no type for: trained torch models, and the
-exported ONNX models (`OnnxModelDataset`), on one local versioned-file base; and mask
-tables previewed in Kedro-Viz as pictures of their masks (`MaskParquetDataset`).
+exported ONNX models (`OnnxModelDataset`) and COCO panoptic predictions (a json and a
+folder of id PNGs, `PanopticDataset`), on one local versioned-file base; and mask tables
+previewed in Kedro-Viz as pictures of their masks (`MaskParquetDataset`).
 
 Pickle is no format for torch models (it ties the file to the code's class layout and
 loads arbitrary objects); `TorchModelDataset` stores a plain dict of tensors and simple
@@ -11,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from glob import glob
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from kedro.io import AbstractVersionedDataset, DatasetError, Version
 from kedro_datasets._typing import ImagePreview
 from kedro_datasets.pandas import ParquetDataset
+from PIL import Image
 
+from instseg_pipeline.data.masks import id_to_rgb, rgb_to_id
 from instseg_pipeline.export.manifest import (
     ManifestError,
     check_digest,
@@ -137,6 +143,118 @@ class OnnxModelDataset(LocalVersionedDataset):
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
             handle.write(data["onnx"])
         os.replace(handle.name, path)
+
+
+PANOPTIC_JSON = "panoptic.json"
+PANOPTIC_PNGS = "panoptic"
+
+
+def panoptic_paths(folder: str | Path) -> tuple[Path, Path]:
+    """(json file, PNG folder) inside one saved `PanopticDataset` folder: what
+    ``instseg-eval panoptic --pred-json --pred-folder`` takes."""
+    return Path(folder) / PANOPTIC_JSON, Path(folder) / PANOPTIC_PNGS
+
+
+class PanopticPngs(Mapping):
+    """{file_name: int32 [H, W] id map} of a folder of COCO panoptic PNGs, each read when
+    asked for (a split's maps need not fit in memory at once)."""
+
+    def __init__(self, folder: Path, names: list[str]):
+        self.folder, self._names = Path(folder), list(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._names:
+            raise KeyError(name)
+        with Image.open(self.folder / name) as image:
+            return rgb_to_id(np.asarray(image.convert("RGB")))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class PanopticDataset(LocalVersionedDataset):
+    """COCO panoptic predictions, versioned, as a folder holding `PANOPTIC_JSON` and a
+    `PANOPTIC_PNGS` folder of RGB id PNGs (id = R + 256 G + 256^2 B, 0 = void).
+
+    Saves ``{"annotations": [{"image_id", "file_name", "segments_info"}], "categories":
+    [...], "pngs": {file_name: integer [H, W] id map}}``: one PNG per annotation, named by
+    its ``file_name``; the json holds annotations and categories. The folder is written
+    beside its final place and renamed into it, so a reader never finds half of it.
+    `load` returns the same dict, ``pngs`` read lazily (`PanopticPngs`). `panoptic_paths`
+    gives the files ``instseg-eval panoptic`` reads.
+
+    Example catalog entry::
+
+        panoptic_predictions:
+          type: instseg_pipeline.kedro_ext.datasets.PanopticDataset
+          filepath: data/07_model_output/${globals:source_name}/panoptic_predictions
+          versioned: true
+    """
+
+    def _exists(self) -> bool:
+        try:
+            return panoptic_paths(self._get_load_path())[0].exists()
+        except DatasetError:  # no version saved yet
+            return False
+
+    def load(self) -> dict:
+        json_path, png_folder = panoptic_paths(self._get_load_path())
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+        names = [str(a["file_name"]) for a in data["annotations"]]
+        return {**data, "pngs": PanopticPngs(png_folder, names)}
+
+    def save(self, data: dict) -> None:
+        missing = [k for k in ("annotations", "categories", "pngs") if k not in data]
+        if missing:
+            raise DatasetError(f"panoptic predictions lack keys {missing}")
+        _check_png_names(data["annotations"], data["pngs"])
+        path = Path(self._get_save_path())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        partial.chmod(0o755)  # mkdtemp's 0o700 would stay on the renamed folder
+        try:
+            json_path, png_folder = panoptic_paths(partial)
+            png_folder.mkdir()
+            for name in data["pngs"]:
+                pixels = id_to_rgb(np.asarray(data["pngs"][name]))
+                Image.fromarray(pixels).save(png_folder / name)
+            payload = {k: v for k, v in data.items() if k != "pngs"}
+            json_path.write_text(json.dumps(payload), encoding="utf-8")
+            _replace_folder(partial, path)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Move folder ``new`` to ``path``; an unversioned dataset's earlier folder there is
+    moved aside first and deleted after (a rename cannot replace a non-empty folder)."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.replace(path, old / path.name)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_png_names(annotations: list, pngs: Mapping) -> None:
+    """One id map per annotation, named by its file_name, and no other."""
+    named = {str(a["file_name"]): a.get("image_id") for a in annotations}
+    unsafe = [n for n in named if PurePosixPath(n).name != n or n in ("", ".", "..")]
+    if unsafe:
+        raise DatasetError(f"panoptic predictions: PNG file names {unsafe[:10]} are not plain "
+                           "file names")
+    without = [f"image {i} ({n})" for n, i in named.items() if n not in pngs]
+    if without:
+        raise DatasetError(f"panoptic predictions: no id map for {', '.join(without[:10])}")
+    extra = sorted(set(pngs) - set(named))
+    if extra:
+        raise DatasetError(f"panoptic predictions: id maps {extra[:10]} belong to no "
+                           "annotation")
 
 
 class MaskParquetDataset(ParquetDataset):

@@ -8,10 +8,14 @@ in table order, instances best first.
 Batches hold images of one size only: the network pads a batch to its largest image, and
 padding changes what the network sees near the borders, so a mixed batch would give an
 image other instances than the predictor gives it alone.
+
+`semantic_maps` runs a semantic family over the same batches for its stuff maps (panoptic
+inference); the predictions table never holds them.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +75,34 @@ def predict_images(network, images: pd.DataFrame, root: str | Path,
     return frame.astype({"image_id": "int64", "category_id": "int64", "label": "int64",
                          "score": "float64", "area": "int64", "height": "int64",
                          "width": "int64"})
+
+
+def semantic_maps(network, images: pd.DataFrame, root: str | Path, batch_size: int = 4,
+                  device: str = "auto") -> Iterator[tuple[int, np.ndarray]]:
+    """(image_id, int64 [H, W] semantic labels 0..S) of every row of ``images``, from the
+    ``"semantic"`` eval output of a semantic family; batches as `predict_images` (so in
+    batch order, not table order). Raises ValueError naming the image when the output has
+    no semantic map or one of another size."""
+    dev = resolve_device(device)
+    network = network.to(dev).eval()
+    progress = log_progress(total=len(images), desc="semantic", unit="img", logger=logger)
+    for positions in same_size_batches(images, max(1, int(batch_size))):
+        batch = images.iloc[positions]
+        outputs = forward(network, [_load(row, Path(root)) for row in batch.itertuples()], dev)
+        for row, output in zip(batch.itertuples(), outputs):
+            yield int(row.image_id), _semantic_of(output, row)
+        progress.update(len(positions))
+    progress.close()
+
+
+def _semantic_of(output, row) -> np.ndarray:
+    if "semantic" not in output:
+        raise ValueError(f"image {row.image_id}: the model's eval output has no 'semantic' "
+                         "map (not a semantic family?)")
+    semantic = output["semantic"]
+    semantic = (semantic.detach().cpu().numpy() if hasattr(semantic, "detach")
+                else np.asarray(semantic)).astype(np.int64, copy=False)
+    if semantic.shape != (int(row.height), int(row.width)):
+        raise ValueError(f"image {row.image_id}: semantic map is {list(semantic.shape)}, the "
+                         f"image [{row.height}, {row.width}]")
+    return semantic

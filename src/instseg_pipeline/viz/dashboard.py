@@ -1,5 +1,5 @@
 """The performance dashboard: one figure with the evaluation at a glance (AP breakdown,
-per-class AP, PR curves, matched-IoU and size analysis, training loss, detection
+per-class AP, panoptic quality, PR curves, matched-IoU and size analysis, training loss, detection
 confusions and a grid of predictions).
 
 Built without pyplot (no GUI backend, no global state), ready for Kedro's
@@ -36,11 +36,12 @@ def performance_dashboard(coco_metrics: dict, pr_arrays: dict | None,
                           predictions: pd.DataFrame, images: pd.DataFrame,
                           instances: pd.DataFrame, root, iou_type: str = "segm",
                           score_threshold: float = 0.5, split: str | None = "val",
-                          grid_images: int = 4) -> Figure:
-    """The evaluation at a glance, 7 analysis panels and a prediction grid.
+                          grid_images: int = 4, pq_metrics: dict | None = None) -> Figure:
+    """The evaluation at a glance, 8 analysis panels and a prediction grid.
 
     Row 1: AP breakdown (segm and bbox) | PR curves | matched-IoU histogram | IoU vs size.
-    Row 2: per-class AP. Row 3: training loss | detection confusion matrix.
+    Row 2: per-class AP | PQ, SQ, RQ of all / things / stuff (``pq_metrics``: {group:
+    {"pq", "sq", "rq", "n"}}). Row 3: training loss | detection confusion matrix.
     Row 4: the first ``grid_images`` (at most 4) images of ``split`` with predictions
     (GT dashed).
     coco_metrics: ``{iou_type: {12 stats, per_class_ap}}``; pr_arrays: ``{iou_type:
@@ -54,7 +55,8 @@ def performance_dashboard(coco_metrics: dict, pr_arrays: dict | None,
                     iou_type, categories)
     _plot_iou_histogram(figure.add_subplot(grid[0, 2]), matched_mask_ious)
     _plot_iou_vs_area(figure.add_subplot(grid[0, 3]), matched_mask_ious)
-    _plot_per_class_ap(figure.add_subplot(grid[1, :]), coco_metrics)
+    _plot_per_class_ap(figure.add_subplot(grid[1, :3]), coco_metrics)
+    _plot_panoptic_quality(figure.add_subplot(grid[1, 3]), pq_metrics)
     _plot_loss(figure.add_subplot(grid[2, :2]), history, val_history)
     evaluated = split_images(images, split)
     counts = detection_confusion(categories, predictions, evaluated, instances,
@@ -95,6 +97,27 @@ def _value_bars(ax, x, values, width, label, color, annotate: bool = True) -> No
     for xi, value, ok in zip(x, heights, known):
         ax.text(xi, value + 0.01, f"{value:.2f}" if ok else "n/a", ha="center", va="bottom",
                 fontsize=7, rotation=90 if width < 0.3 else 0)
+
+
+_PQ_GROUPS = ("all", "things", "stuff")
+_PQ_KEYS = (("pq", "PQ", "tab:purple"), ("sq", "SQ", "tab:cyan"), ("rq", "RQ", "tab:olive"))
+
+
+def _plot_panoptic_quality(ax, pq_metrics: dict | None) -> None:
+    """PQ, SQ and RQ bars per group; a group with no category scored (n = 0, e.g. stuff of
+    an instance model) is an empty 'n/a' slot."""
+    ax.set_title("panoptic quality", fontsize=11)
+    groups = [g for g in _PQ_GROUPS if g in (pq_metrics or {})]
+    if not groups:
+        return message(ax, "no panoptic metrics")
+    x, width = np.arange(len(groups)), 0.8 / len(_PQ_KEYS)
+    for j, (key, label, color) in enumerate(_PQ_KEYS):
+        values = [float(pq_metrics[g][key]) if pq_metrics[g].get("n") else None
+                  for g in groups]
+        _value_bars(ax, x + (j - 1) * width, values, width, label, color)
+    ax.set_xticks(x, [f"{g}\n(n={pq_metrics[g].get('n', 0)})" for g in groups], fontsize=9)
+    ax.set(ylim=(0, 1.15), ylabel="fraction")
+    ax.legend(fontsize=8, loc="upper right", ncols=3)
 
 
 def _plot_per_class_ap(ax, coco_metrics: dict) -> None:

@@ -48,17 +48,61 @@ def compute_coco_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     return result["metrics"], result["arrays"]
 
 
-def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
-                       categories: pd.DataFrame, predictions: pd.DataFrame,
-                       params: dict) -> dict:
-    """Things-only panoptic quality of the predictions (overlaps resolved by score)."""
+def predict_panoptic(model: dict, images: pd.DataFrame, categories: pd.DataFrame,
+                     predictions: pd.DataFrame, source: dict, params: dict) -> dict:
+    """COCO panoptic predictions of the evaluated split: the things of ``predictions`` and,
+    for a semantic family, the stuff of its semantic map (run here), combined by
+    `predict.panoptic.combine_panoptic`."""
+    from instseg_pipeline.predict.panoptic import panoptic_outputs
+
     config = EvaluationConfig.from_params(params)
     panoptic = config.panoptic
-    result = evaluation.panoptic_metrics(images, instances, categories, predictions,
-                                         config.split, score_threshold=panoptic.score_threshold,
-                                         overlap_threshold=panoptic.overlap_threshold,
-                                         min_area=panoptic.min_area)
-    tracking.log_metrics({f"{name}/{group}": result[group][name] for group in ("all", "things")
+    split = images[images["split"] == config.split]
+    options = {"score_threshold": panoptic.score_threshold,
+               "overlap_threshold": panoptic.overlap_threshold,
+               "min_area": panoptic.min_area, "stuff_min_area": panoptic.stuff_min_area}
+    stuff = _stuff_category_ids(model)
+    maps = None if stuff is None else _semantic_maps(model, split, source, config)
+    return panoptic_outputs(split, predictions, categories, maps, stuff, **options)
+
+
+def _stuff_category_ids(model: dict) -> dict[int, int] | None:
+    """{semantic label: stuff category id} of a semantic family's model; None for other
+    families and for one trained on a source without stuff (nothing to add to its things)."""
+    from instseg_pipeline.models import family
+
+    name = model["config"]["name"]
+    if not family(name).semantic:
+        return None
+    if model.get("stuff_category_ids") is None:
+        raise ValueError(f"model {name} is of a semantic family but its model file has no "
+                         "stuff_category_ids")
+    if not model["stuff_category_ids"]:
+        logger.info("model %s learnt no stuff categories: panoptic output of things only", name)
+        return None
+    return {int(k): int(v) for k, v in model["stuff_category_ids"].items()}
+
+
+def _semantic_maps(model: dict, images: pd.DataFrame, source: dict, config: EvaluationConfig):
+    from instseg_pipeline.models import load_model
+    from instseg_pipeline.predict.batch import semantic_maps
+
+    network = load_model(model["config"], model["state_dict"])
+    return semantic_maps(network, images, SourceConfig.from_params(source).root,
+                         batch_size=config.batch_size, device=config.device)
+
+
+def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
+                       stuff_segments: pd.DataFrame, categories: pd.DataFrame,
+                       panoptic_predictions: dict, params: dict) -> dict:
+    """Panoptic quality of ``panoptic_predictions``: things, and stuff when the model
+    predicts stuff (an instance model's stuff group has n = 0)."""
+    config = EvaluationConfig.from_params(params)
+    result = evaluation.panoptic_metrics(images, instances, stuff_segments, categories,
+                                         panoptic_predictions, config.split)
+    # an instance model scores no stuff: a 0 logged for it would read as a score
+    groups = [g for g in ("all", "things", "stuff") if g != "stuff" or result[g]["n"]]
+    tracking.log_metrics({f"{name}/{group}": result[group][name] for group in groups
                           for name in ("pq", "sq", "rq")})
     return result
 
@@ -104,12 +148,28 @@ def plot_visualisation_suite(images: pd.DataFrame, instances: pd.DataFrame,
     return figure
 
 
-def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, matched: pd.DataFrame,
-                               history: pd.DataFrame, val_history: pd.DataFrame,
-                               categories: pd.DataFrame, predictions: pd.DataFrame,
-                               images: pd.DataFrame, instances: pd.DataFrame, source: dict,
-                               params: dict):
-    """AP breakdown, per-class AP, PR curves, IoU and size analysis, confusions, curves."""
+def plot_panoptic_overlay(images: pd.DataFrame, instances: pd.DataFrame,
+                          stuff_segments: pd.DataFrame, categories: pd.DataFrame,
+                          panoptic_predictions: dict, source: dict, params: dict):
+    """Image | ground-truth panoptic | predicted panoptic for the first evaluated images."""
+    from instseg_pipeline.viz.panoptic import panoptic_overlay
+
+    config = EvaluationConfig.from_params(params)
+    ids = images.loc[images["split"] == config.split, "image_id"].tolist()
+    figure = panoptic_overlay(images, instances, stuff_segments, categories,
+                              panoptic_predictions, SourceConfig.from_params(source).root,
+                              ids[: config.figures.panoptic])
+    tracking.log_figure(figure, "panoptic_overlay.png")
+    return figure
+
+
+def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, pq_metrics: dict,
+                               matched: pd.DataFrame, history: pd.DataFrame,
+                               val_history: pd.DataFrame, categories: pd.DataFrame,
+                               predictions: pd.DataFrame, images: pd.DataFrame,
+                               instances: pd.DataFrame, source: dict, params: dict):
+    """AP breakdown, per-class AP, PQ / SQ / RQ, PR curves, IoU and size analysis,
+    confusions, curves."""
     from instseg_pipeline.viz.dashboard import performance_dashboard
 
     config = EvaluationConfig.from_params(params)
@@ -117,7 +177,7 @@ def plot_performance_dashboard(coco_metrics: dict, pr_arrays: dict, matched: pd.
                                    categories, predictions, images, instances,
                                    SourceConfig.from_params(source).root,
                                    score_threshold=config.match_score_threshold,
-                                   split=config.split)
+                                   split=config.split, pq_metrics=pq_metrics)
     tracking.log_figure(figure, "performance_dashboard.png")
     return figure
 
