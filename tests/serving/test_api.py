@@ -84,6 +84,7 @@ def test_health_and_model(url, checkpoint):
     assert model["classes"] == {str(k): v for k, v in CLASSES.items()}
     assert model["backend"] == "torch" and model["device"] == "cpu"
     assert model["iterations"] == 7 and model["interactive_methods"] == ["model", "grabcut"]
+    assert model["semantic"] is False and model["stuff_categories"] == {}
 
 
 def test_openapi_describes_every_endpoint(url):
@@ -117,6 +118,7 @@ def test_segment_matches_the_predictor(url, checkpoint, image):
     assert [i["label"] for i in body["instances"]] == [i["label"] for i in expected]
     assert _decode(body["instances"][0]["rle"]).shape == (192, 256)
     assert body["instances"][0]["polygon"] is None
+    assert body["stuff"] == []  # an instance model: always an empty list
 
 
 def test_segment_query_threshold_and_polygons(url, image):

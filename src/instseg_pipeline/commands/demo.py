@@ -61,7 +61,7 @@ def _load(settings):
 
     predictor = load_predictor(settings.checkpoint, settings.onnx, settings.manifest,
                                settings.device, settings.root, settings.source_name,
-                               settings.threads)
+                               settings.threads, settings.panoptic_options())
     sam = load_sam(settings.sam_checkpoint, settings.sam_model_type, settings.device) \
         if settings.sam_checkpoint else None
     return predictor, InteractiveSegmenter(predictor, sam)

@@ -34,6 +34,14 @@ def add_model_options(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--threads", type=int,
                         help="intra-op threads of torch / ONNX Runtime (default: one per "
                              "core; use fewer where cores are shared)")
+    parser.add_argument("--stuff-min-area", type=int,
+                        help="semantic (panoptic) models: fewest free pixels a stuff category "
+                             "needs to make a segment (env INSTSEG_STUFF_MIN_AREA; default: "
+                             "the evaluation's, evaluation.panoptic.stuff_min_area)")
+    parser.add_argument("--overlap-threshold", type=float,
+                        help="semantic models: an instance more than this share of whose "
+                             "mask better ones took leaves its pixels to stuff (env "
+                             "INSTSEG_OVERLAP_THRESHOLD; default: the evaluation's, 0.5)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="log level (default: %(default)s)")

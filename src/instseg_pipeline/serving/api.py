@@ -9,7 +9,9 @@ $INSTSEG_SAM_MODEL_TYPE add a SAM model for prompts. Limits: $INSTSEG_MAX_UPLOAD
 $INSTSEG_MAX_PIXELS (413 above it, read from the header before decoding),
 $INSTSEG_MAX_QUEUE (503 with Retry-After when that many requests already wait for the
 model), $INSTSEG_MAX_POINTS (422 above that many prompt points).
-$INSTSEG_THREADS sets the backend's intra-op threads.
+$INSTSEG_THREADS sets the backend's intra-op threads. For a semantic (panoptic) model,
+$INSTSEG_STUFF_MIN_AREA and $INSTSEG_OVERLAP_THRESHOLD set how its stuff segments are cut
+out (`predict.postprocess.PanopticOptions`; defaults: the evaluation's in conf/base).
 
 Inference runs on one dedicated thread, never on the event loop: the models are not
 re-entrant, requests queue for that thread, and one thread (rather than whichever pool
@@ -40,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from instseg_pipeline.data.images import ImageProblem
 from instseg_pipeline.data.masks import bitmap_to_rle, rle_area, rle_to_string
+from instseg_pipeline.predict.postprocess import PanopticOptions
 from instseg_pipeline.predict.predictor import Predictor, decode_upload, load_predictor
 from instseg_pipeline.serving.docs import add_docs
 from instseg_pipeline.serving.interactive import (
@@ -76,6 +79,14 @@ def _int_env(environ: Mapping, name: str, default: int) -> int:
         raise ValueError(f"${name} must be an integer, got {value!r}") from None
 
 
+def _float_env(environ: Mapping, name: str, default: float) -> float:
+    value = environ.get(name)
+    try:
+        return default if value in (None, "") else float(value)
+    except ValueError:
+        raise ValueError(f"${name} must be a number, got {value!r}") from None
+
+
 @dataclass
 class ServiceSettings:
     """Where the model comes from and the request limits (see the module docstring)."""
@@ -93,6 +104,8 @@ class ServiceSettings:
     threads: int | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_points: int = MAX_PROMPT_POINTS
+    stuff_min_area: int = PanopticOptions.stuff_min_area
+    overlap_threshold: float = PanopticOptions.overlap_threshold
 
     def __post_init__(self):
         # checked here so the environment and the command line fail the same way
@@ -101,6 +114,16 @@ class ServiceSettings:
             if getattr(self, name) < minimum:
                 raise ValueError(f"{name} (${option}) must be >= {minimum}, "
                                  f"got {getattr(self, name)}")
+        try:
+            self.panoptic_options()
+        except ValueError as exc:
+            raise ValueError(f"$INSTSEG_STUFF_MIN_AREA / $INSTSEG_OVERLAP_THRESHOLD: "
+                             f"{exc}") from None
+
+    def panoptic_options(self) -> PanopticOptions:
+        """How a semantic model's stuff is cut out (ignored by instance models)."""
+        return PanopticOptions(overlap_threshold=self.overlap_threshold,
+                               stuff_min_area=self.stuff_min_area)
 
     @classmethod
     def from_env(cls, environ: Mapping | None = None) -> ServiceSettings:
@@ -118,7 +141,11 @@ class ServiceSettings:
                    max_pixels=_int_env(env, "INSTSEG_MAX_PIXELS", DEFAULT_MAX_PIXELS),
                    threads=_int_env(env, "INSTSEG_THREADS", 0) or None,
                    max_queue=_int_env(env, "INSTSEG_MAX_QUEUE", DEFAULT_MAX_QUEUE),
-                   max_points=_int_env(env, "INSTSEG_MAX_POINTS", MAX_PROMPT_POINTS))
+                   max_points=_int_env(env, "INSTSEG_MAX_POINTS", MAX_PROMPT_POINTS),
+                   stuff_min_area=_int_env(env, "INSTSEG_STUFF_MIN_AREA",
+                                           PanopticOptions.stuff_min_area),
+                   overlap_threshold=_float_env(env, "INSTSEG_OVERLAP_THRESHOLD",
+                                                PanopticOptions.overlap_threshold))
 
 
 # --- response models ----------------------------------------------------------------------------
@@ -131,75 +158,119 @@ class RLE(BaseModel):
 
 
 class Instance(BaseModel):
+    """One detected object (a thing), best score first."""
+
     label: int = Field(description="model label (1..K, 0 is background)")
-    category_name: str
-    score: float
+    category_name: str = Field(description="name of the label's category (the model's "
+                                           "classes)")
+    score: float = Field(description="detection score in [0, 1]")
     box: list[float] = Field(description="the detector's box [x1, y1, x2, y2] in pixels")
     bbox: list[float] = Field(description="COCO [x, y, width, height] of the mask in pixels "
                                           "(as in the evaluation's predictions table)")
     area: int = Field(description="mask area in pixels")
-    rle: RLE
+    rle: RLE = Field(description="the full-size mask (probability >= 0.5) as COCO RLE; "
+                                 "instances may overlap one another")
     polygon: list[list[float]] | None = Field(
         None, description="outer contours as COCO polygon parts [x1, y1, x2, y2, ...]; "
                           "only with include_polygons")
 
 
+class StuffSegment(BaseModel):
+    """One amorphous region (sky, road, grass, ...) of a semantic (panoptic) model."""
+
+    category_id: int = Field(description="dataset category id of the stuff category (as in "
+                                         "the categories table, isthing false)")
+    category_name: str = Field(description="name of the stuff category")
+    bbox: list[float] = Field(description="COCO [x, y, width, height] of the segment in "
+                                          "pixels")
+    area: int = Field(description="segment area in pixels")
+    rle: RLE = Field(description="the full-size segment as COCO RLE; segments never overlap "
+                                 "each other nor the pixels the instances claim in the "
+                                 "panoptic merge")
+    polygon: list[list[float]] | None = Field(
+        None, description="outer contours as COCO polygon parts [x1, y1, x2, y2, ...] (the "
+                          "holes instances leave are not in them; the RLE is exact); only "
+                          "with include_polygons")
+
+
 class ImageSize(BaseModel):
-    width: int
-    height: int
+    width: int = Field(description="pixels, after EXIF orientation")
+    height: int = Field(description="pixels, after EXIF orientation")
 
 
 class ModelInfo(BaseModel):
-    backend: Literal["torch", "onnxruntime"]
-    device: str
+    backend: Literal["torch", "onnxruntime"] = Field(description="what runs the model")
+    device: str = Field(description="cpu or cuda[:N]")
     version: str = Field(description="sha256:<hex of the model file> or iterations:<n>")
-    sha256: str | None = None
-    iterations: int | None = None
-    model_name: str | None = None
+    sha256: str | None = Field(None, description="SHA-256 of the model file, when read "
+                                                 "from one")
+    iterations: int | None = Field(None, description="training iterations of the weights, "
+                                                     "when saved")
+    model_name: str | None = Field(None, description="model family (training.model.name)")
     classes: dict[int, str] = Field(description="model label -> category name")
-    interactive_methods: list[Literal["sam", "model", "grabcut"]]
+    semantic: bool = Field(False, description="true for a semantic (panoptic) model, whose "
+                                              "/segment answers also carry stuff segments")
+    stuff_categories: dict[int, str] = Field(
+        default_factory=dict, description="stuff category id -> name (empty for an instance "
+                                          "model)")
+    interactive_methods: list[Literal["sam", "model", "grabcut"]] = Field(
+        description="who may answer /segment_interactive, first available first")
 
 
 class Timing(BaseModel):
+    """Where the time of a request went."""
+
     decode: float = Field(description="upload decoding, milliseconds")
     inference: float = Field(description="model (and post-processing), milliseconds")
     total: float = Field(description="whole request inside the server, milliseconds")
 
 
 class SegmentResponse(BaseModel):
-    instances: list[Instance]
-    image: ImageSize
-    model: ModelInfo
-    timing_ms: Timing
+    instances: list[Instance] = Field(description="objects with score >= score_threshold, "
+                                                  "best first")
+    stuff: list[StuffSegment] = Field(
+        default_factory=list,
+        description="a semantic model's stuff segments, by category (always present; an "
+                    "empty list for an instance model, see model.semantic): the pixels of "
+                    "each stuff category that the panoptic merge of the returned instances "
+                    "left free (instances paint best first, one more than overlap_threshold "
+                    "covered by better ones claims nothing), kept when at least "
+                    "stuff_min_area pixels; the instance list itself is not cut")
+    image: ImageSize = Field(description="size of the decoded image")
+    model: ModelInfo = Field(description="the model that answered")
+    timing_ms: Timing = Field(description="server-side timing")
 
 
 class PromptMask(BaseModel):
     score: float = Field(description="sam: predicted IoU; model: detection score; "
                                      "grabcut: fraction of the points the mask honours")
     label: int | None = Field(None, description="model label (method model only)")
-    category_name: str | None = None
+    category_name: str | None = Field(None, description="name of the label's category "
+                                                        "(method model only)")
     box: list[float] = Field(description="[x1, y1, x2, y2] of the mask, pixels")
     bbox: list[float] = Field(description="COCO [x, y, width, height] of the mask")
-    area: int
-    rle: RLE
+    area: int = Field(description="mask area in pixels")
+    rle: RLE = Field(description="the full-size mask as COCO RLE")
 
 
 class InteractiveResponse(BaseModel):
     method: Literal["sam", "model", "grabcut"] = Field(description="which method answered")
-    masks: list[PromptMask]
-    image: ImageSize
-    model: ModelInfo
-    timing_ms: Timing
+    masks: list[PromptMask] = Field(description="sam: candidates, best first; model: the "
+                                                "instances under the points; grabcut: one")
+    image: ImageSize = Field(description="size of the decoded image")
+    model: ModelInfo = Field(description="the model that answered")
+    timing_ms: Timing = Field(description="server-side timing")
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
-    backend: str
-    model_version: str
+    status: Literal["ok"] = Field(description="ok once the model is loaded")
+    backend: str = Field(description="torch or onnxruntime")
+    model_version: str = Field(description="sha256:<hex of the model file> or "
+                                           "iterations:<n>")
 
 
 class ErrorResponse(BaseModel):
-    detail: str
+    detail: str = Field(description="what was wrong, naming the upload or field")
 
 
 ERRORS = {413: {"model": ErrorResponse, "description": "upload or image too large"},
@@ -385,12 +456,14 @@ def load_service(settings: ServiceSettings) -> Service:
     """Load the model (and SAM when configured); raises with a clear message when absent."""
     predictor = load_predictor(settings.checkpoint, settings.onnx, settings.manifest,
                                settings.device, settings.root, settings.source_name,
-                               settings.threads)
+                               settings.threads, settings.panoptic_options())
     sam = load_sam(settings.sam_checkpoint, settings.sam_model_type, settings.device) \
         if settings.sam_checkpoint else None
     info = predictor.info()
-    logger.info("serving %s model %s (%s); interactive: %s", info["backend"],
-                info["version"], info["source"], "sam" if sam else "model + grabcut")
+    logger.info("serving %s model %s (%s)%s; interactive: %s", info["backend"],
+                info["version"], info["source"],
+                f", semantic with stuff {sorted(predictor.stuff_categories.values())}"
+                if predictor.semantic else "", "sam" if sam else "model + grabcut")
     return Service(settings, predictor, InteractiveSegmenter(predictor, sam),
                    ThreadPoolExecutor(1, thread_name_prefix="inference"))
 
@@ -416,8 +489,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="instseg-pipeline", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None,
                   description="Instance segmentation of uploaded images with the project's "
-                              "trained Mask R-CNN (torch or ONNX Runtime), plus prompt-based "
-                              "(click / box) segmentation.")
+                              "trained model (torch or ONNX Runtime; a Panoptic FPN model "
+                              "also returns stuff segments), plus prompt-based (click / box) "
+                              "segmentation.")
     # added last is outermost: an oversize upload gets its 413 without taking a queue slot
     app.add_middleware(QueueLimitMiddleware, max_queue=settings.max_queue)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
@@ -439,12 +513,14 @@ def _add_routes(app: FastAPI) -> None:
              description="Multipart upload (field `file`). Returns the instances with score "
                          ">= score_threshold, best first, as full-size COCO RLE masks "
                          "(probability >= 0.5; an instance whose mask is empty is left out), "
-                         "boxes and optional polygons. 413: upload over the byte limit or "
-                         "image over the pixel limit (checked from the header); 415: empty or "
-                         "not an image; "
-                         "422: corrupt image data or invalid parameters; 503 (with "
-                         "Retry-After): max_queue requests already wait for the "
-                         "model.")(segment)
+                         "boxes and optional polygons; a semantic (panoptic) model also "
+                         "returns its stuff segments with their category names (`stuff`: "
+                         "the pixels the returned instances leave free, as the evaluation's "
+                         "panoptic merge cuts them; empty for an instance model). 413: "
+                         "upload over the byte limit or image over the pixel limit (checked "
+                         "from the header); 415: empty or not an image; 422: corrupt image "
+                         "data or invalid parameters; 503 (with Retry-After): max_queue "
+                         "requests already wait for the model.")(segment)
     app.post("/segment_interactive", response_model=InteractiveResponse, responses=ERRORS,
              summary="Segment the object under clicked points or a box",
              description="Multipart upload (field `file`) with form fields `points` (JSON "
@@ -488,8 +564,8 @@ async def segment(
     polygons = bool(_first(include_polygons, include_polygons_query, False))
     image = await _decode(file, service.settings)
     decoded = time.perf_counter()
-    instances = await service.run(service.predictor.predict, image, threshold, 0.5, polygons)
-    return {"instances": instances, "image": _size(image), "model": service.model_info(),
+    found = await service.run(service.predictor.segment, image, threshold, 0.5, polygons)
+    return {**found, "image": _size(image), "model": service.model_info(),
             "timing_ms": _timing(start, decoded)}
 
 

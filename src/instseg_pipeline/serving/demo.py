@@ -6,6 +6,9 @@ Two tabs:
   outlines, boxes and a "category score" tag, one colour per instance), a table of the
   instances (same colours, same order) and, folded away, their full JSON with COCO RLE
   masks. The handler is public for ``gradio_client`` as API name ``/segment``.
+  A semantic (panoptic) model's stuff segments are drawn under the instances in muted
+  colours (one per stuff category), named on the image, and listed in a second table
+  (with their JSON): its ``/segment`` answers with those two outputs added.
   Images whose long side is under `MIN_DRAW_SIDE` pixels are drawn enlarged by a whole
   factor (`zoom_factor`, pixels repeated), so the tags stay legible.
 - **Interactive**: clicks on the image add include / exclude points or box corners; the
@@ -32,7 +35,7 @@ import gradio as gr
 import numpy as np
 
 from instseg_pipeline.data.images import DEFAULT_MAX_PIXELS, ImageProblem
-from instseg_pipeline.predict.postprocess import Detections
+from instseg_pipeline.predict.postprocess import Detections, StuffSegments
 from instseg_pipeline.predict.predictor import Predictor, decode_upload
 from instseg_pipeline.serving.interactive import (
     MAX_PROMPT_POINTS,
@@ -50,6 +53,10 @@ PALETTE = np.round(_COLORS * 255).astype(np.uint8)
 MIN_DRAW_SIDE, MAX_ZOOM = 640, 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 TABLE_HEADERS = ["#", "category", "score", "box x1, y1, x2, y2", "area (px)", "colour"]
+STUFF_HEADERS = ["stuff category", "category id", "bbox x, y, w, h", "area (px)", "colour"]
+# stuff: the instance palette halfway to grey, and a lighter tint, so things stand out
+STUFF_PALETTE = np.round(0.5 * PALETTE + 0.5 * 128).astype(np.uint8)
+STUFF_ALPHA = 0.35
 INCLUDE, EXCLUDE, CORNER = "include point", "exclude point", "box corner"
 PROMPT_MODES = [INCLUDE, EXCLUDE, CORNER]
 PROMPT_LABELS = {INCLUDE: 1, EXCLUDE: 0}
@@ -152,12 +159,57 @@ def outline(canvas: np.ndarray, mask: np.ndarray, rgb: tuple) -> None:
     cv2.drawContours(canvas, contours, -1, rgb, _text_scale(canvas.shape)[1], cv2.LINE_AA)
 
 
-def draw_instances(image: np.ndarray, found: Detections, classes: Mapping[int, str]) -> np.ndarray:
+def stuff_colour(category_id: int) -> tuple[int, int, int]:
+    """uint8 RGB of a stuff category: muted, and the same in every image."""
+    return tuple(int(v) for v in STUFF_PALETTE[int(category_id) % len(STUFF_PALETTE)])
+
+
+def stuff_hex_colour(category_id: int) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*stuff_colour(category_id))
+
+
+def inner_point(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the pixel of ``mask`` uint8 [H, W] farthest from its border (a label there
+    sits on the segment even when it is not convex); ``mask`` must not be empty."""
+    padded = np.pad(mask.astype(np.uint8), 1)  # the image edge is a border too
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
+def draw_stuff(canvas: np.ndarray, stuff: StuffSegments, names: Mapping[int, str],
+               factor: int = 1) -> np.ndarray:
+    """uint8 [zH, zW, 3]: ``canvas`` (the image enlarged by ``factor``) with each stuff
+    segment of ``stuff`` (masks at the image size) lightly tinted in its category's muted
+    `stuff_colour`, outlined, and named (``names``: category id -> name) at its
+    `inner_point`."""
+    masks = enlarge(stuff.masks, factor, (1, 2)).astype(bool)
+    out = canvas.astype(np.float32)
+    for mask, category_id in zip(masks, stuff.category_ids):
+        out[mask] = (1 - STUFF_ALPHA) * out[mask] + STUFF_ALPHA * np.array(
+            stuff_colour(category_id), np.float32)
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    for mask, category_id in zip(masks, stuff.category_ids):
+        outline(out, mask, stuff_colour(category_id))
+    for mask, category_id in zip(masks, stuff.category_ids):
+        x, y = inner_point(mask)
+        draw_tag(out, names.get(int(category_id), str(int(category_id))), x, y,
+                 stuff_colour(category_id))
+    return out
+
+
+def draw_instances(image: np.ndarray, found: Detections, classes: Mapping[int, str],
+                   stuff: StuffSegments | None = None,
+                   stuff_names: Mapping[int, str] | None = None) -> np.ndarray:
     """uint8 [zH, zW, 3], z = `zoom_factor`: ``image`` uint8 [H, W, 3] with each instance
-    tinted, outlined, boxed and tagged "category score"; instance k has colour k."""
+    tinted, outlined, boxed and tagged "category score"; instance k has colour k. A
+    semantic model's ``stuff`` goes underneath (`draw_stuff`, named by ``stuff_names``)."""
     factor = zoom_factor(image.shape)
     masks, boxes = enlarge(found.masks, factor, (1, 2)), found.boxes * factor
-    canvas = tint(enlarge(image, factor), masks)
+    base = enlarge(image, factor)
+    if stuff is not None and len(stuff):
+        base = draw_stuff(base, stuff, stuff_names or {}, factor)
+    canvas = tint(base, masks)
     for k, (mask, box) in enumerate(zip(masks, boxes)):
         outline(canvas, mask, colour(k))
         x1, y1, x2, y2 = (round(float(v)) for v in box)
@@ -176,6 +228,14 @@ def instance_rows(instances: Sequence[Mapping]) -> list[list]:
             for k, inst in enumerate(instances)]
 
 
+def stuff_rows(stuff: Sequence[Mapping]) -> list[list]:
+    """One table row per stuff dict (`Predictor.segment` form), headed by `STUFF_HEADERS`:
+    the legend of the muted colours on the overlay."""
+    return [[segment["category_name"], segment["category_id"],
+             ", ".join(f"{v:.0f}" for v in segment["bbox"]), segment["area"],
+             stuff_hex_colour(segment["category_id"])] for segment in stuff]
+
+
 # --- uploads ------------------------------------------------------------------------------------
 
 def read_upload(path: str | Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -192,12 +252,25 @@ def read_upload(path: str | Path | None, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 def segment(predictor: Predictor, image: np.ndarray,
             score_threshold: float) -> tuple[np.ndarray, list[list], list[dict]]:
-    """Overlay uint8 [H, W, 3], table rows and instance dicts of ``image`` uint8 [H, W, 3]."""
+    """Overlay uint8 [zH, zW, 3], table rows and instance dicts of ``image`` uint8 [H, W, 3]
+    (a semantic model's stuff drawn too: `segment_panoptic` also lists it)."""
+    return segment_panoptic(predictor, image, score_threshold)[:3]
+
+
+def segment_panoptic(predictor: Predictor, image: np.ndarray, score_threshold: float
+                     ) -> tuple[np.ndarray, list[list], list[dict], list[list], list[dict]]:
+    """Overlay uint8 [zH, zW, 3], instance table rows, instance dicts, stuff table rows and
+    stuff dicts of ``image`` uint8 [H, W, 3] (no stuff for an instance model)."""
     found = predictor.detect(image, float(score_threshold))
     instances = predictor.to_instances(found)
-    logger.info("segment: %dx%d image, %d instances at score >= %.2f", image.shape[1],
-                image.shape[0], len(instances), score_threshold)
-    return draw_instances(image, found, predictor.classes), instance_rows(instances), instances
+    stuff = predictor.stuff(found)
+    stuff_dicts = predictor.to_stuff_dicts(stuff)
+    logger.info("segment: %dx%d image, %d instances at score >= %.2f, %d stuff segments",
+                image.shape[1], image.shape[0], len(instances), score_threshold, len(stuff))
+    overlay = draw_instances(image, found, predictor.classes, stuff,
+                             predictor.stuff_categories)
+    return (overlay, instance_rows(instances), instances, stuff_rows(stuff_dicts),
+            stuff_dicts)
 
 
 # --- interactive tab ----------------------------------------------------------------------------
@@ -309,8 +382,11 @@ def model_summary(predictor: Predictor, segmenter: InteractiveSegmenter) -> str:
     """Markdown line naming the model, its classes and who answers clicks."""
     info = predictor.info()
     classes = ", ".join(f"{k}: {v}" for k, v in sorted(info["classes"].items()))
+    stuff = ", ".join(f"{k}: {v}" for k, v in sorted(info["stuff_categories"].items()))
     return (f"**Model** `{info['version'][:23]}` ({info['backend']} on {info['device']}) · "
-            f"**classes** {classes} · **clicks answered by** {' / '.join(segmenter.methods)}")
+            f"**classes** {classes} · "
+            + (f"**stuff categories** {stuff} · " if info["semantic"] else "")
+            + f"**clicks answered by** {' / '.join(segmenter.methods)}")
 
 
 def _threshold_slider(value: float) -> gr.Slider:
@@ -337,15 +413,32 @@ def _segment_tab(predictor: Predictor, examples: list[Path], threshold: float,
                          "on the image)", interactive=False, elem_id="segment-table")
     with gr.Accordion("Instances as JSON (boxes xyxy / COCO bbox, COCO RLE masks)", open=False):
         details = gr.JSON(label="Instances")
+    outputs = [overlay, table, details]
+    if predictor.semantic:
+        outputs += _stuff_outputs()
     if examples:
         gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example images "
                     "(synthetic shapes): click one, then Segment")
 
     def run_segment(path: str | None, score_threshold: float):
-        return segment(predictor, read_upload(path, max_pixels), score_threshold)
+        answer = segment_panoptic(predictor, read_upload(path, max_pixels), score_threshold)
+        return answer if predictor.semantic else answer[:3]
 
-    run.click(run_segment, [image, slider], [overlay, table, details], api_name="segment",
-              api_description="Instances of an image: overlay, table rows and instance dicts")
+    run.click(run_segment, [image, slider], outputs, api_name="segment",
+              api_description="Instances of an image: overlay, table rows and instance dicts"
+                              + ("; then stuff table rows and stuff dicts"
+                                 if predictor.semantic else ""))
+
+
+def _stuff_outputs() -> list:
+    """The stuff table (the legend of the muted colours) and the stuff JSON of a semantic
+    model's Segment tab."""
+    table = gr.Dataframe(headers=STUFF_HEADERS, label="Stuff segments (muted colours under "
+                         "the instances; the pixels the instances leave free)",
+                         interactive=False, elem_id="segment-stuff-table")
+    with gr.Accordion("Stuff segments as JSON (COCO bbox, COCO RLE masks)", open=False):
+        details = gr.JSON(label="Stuff segments")
+    return [table, details]
 
 
 def _interactive_tab(segmenter: InteractiveSegmenter, examples: list[Path], threshold: float,
@@ -394,7 +487,8 @@ def build_demo(predictor: Predictor, segmenter: InteractiveSegmenter,
     both tabs; ``score_threshold`` is the sliders' start value."""
     examples = [Path(p) for p in examples]
     with gr.Blocks(title="Instance segmentation demo", analytics_enabled=False) as demo:
-        gr.Markdown("# Instance segmentation\n" + model_summary(predictor, segmenter))
+        title = "Panoptic segmentation" if predictor.semantic else "Instance segmentation"
+        gr.Markdown(f"# {title}\n" + model_summary(predictor, segmenter))
         with gr.Tab("Segment", elem_id="tab-segment"):
             _segment_tab(predictor, examples, score_threshold, max_pixels)
         with gr.Tab("Interactive", elem_id="tab-interactive"):
