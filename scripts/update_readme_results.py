@@ -28,7 +28,7 @@ REPORTING = Path("data/08_reporting")
 FIRST_FIGURES = ("dataset_statistics.png", "training_curves.png")
 # evaluation figures, by the start of their catalog name
 EVALUATION_FIGURES = ("visualisation", "visualization", "dashboard", "performance", "worst",
-                      "false_positive", "false_negative")
+                      "false_positive", "false_negative", "panoptic")
 AP_COLUMNS = (("mAP", "mAP"), ("mAP_50", "mAP@50"), ("mAP_75", "mAP@75"))
 IOU_TYPES = (("segm", "mask (segm)"), ("bbox", "box (bbox)"))
 

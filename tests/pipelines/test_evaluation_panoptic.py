@@ -243,3 +243,53 @@ def test_a_semantic_model_without_its_stuff_mapping_is_refused(scene, oracles):
                                       scene["categories"], predictions, _source(scene),
                                       _params())
     assert {c["id"] for c in no_stuff["categories"]} == {1, 2}
+
+
+def _without_first_thing(panoptic: dict) -> dict:
+    """The predictions less one thing segment (its pixels void): a PQ below 1."""
+    annotations = [dict(a) for a in panoptic["annotations"]]
+    thing_ids = {int(c["id"]) for c in panoptic["categories"] if c["isthing"]}
+    for annotation in annotations:
+        things = [s for s in annotation["segments_info"] if s["category_id"] in thing_ids]
+        if things:
+            dropped = things[0]["id"]
+            annotation["segments_info"] = [s for s in annotation["segments_info"]
+                                           if s["id"] != dropped]
+            ids = np.array(panoptic["pngs"][annotation["file_name"]], copy=True)
+            ids[ids == dropped] = 0
+            pngs = {**panoptic["pngs"], annotation["file_name"]: ids}
+            return {**panoptic, "annotations": annotations, "pngs": pngs}
+    raise AssertionError("no thing segment to drop")
+
+
+@pytest.mark.parametrize("semantic", [True, False], ids=["semantic", "instance"])
+def test_saved_ground_truth_and_predictions_reproduce_pq_metrics_by_cli(
+        scene, oracles, tmp_path, semantic):
+    model = oracles(scene)[0 if semantic else 1]
+    params = _params()
+    _, panoptic = _panoptic(scene, model, params)
+    panoptic = _without_first_thing(panoptic)
+    expected = _pq(scene, panoptic, params)
+    assert expected["things"]["pq"] < 1.0
+    tables = (scene["images"], scene["instances"], scene["stuff_segments"],
+              scene["categories"])
+    ground_truth = nodes.write_panoptic_ground_truth(*tables, panoptic, params)
+    _, pred_dir = _round_trip(panoptic, tmp_path / "pred")
+    gt_set = PanopticDataset(filepath=str(tmp_path / "gt" / "panoptic_ground_truth"),
+                             version=Version(None, None))
+    gt_set.save(ground_truth)
+    gt_dir = next((tmp_path / "gt" / "panoptic_ground_truth").iterdir()) / \
+        "panoptic_ground_truth"
+    by_cli = _cli("--gt-dir", str(gt_dir), "--pred-dir", str(pred_dir))
+    for group in GROUPS:
+        assert by_cli[group] == pytest.approx(expected[group]), group
+    assert (by_cli["stuff"]["n"] > 0) == semantic
+
+
+def test_cli_refuses_a_half_given_ground_truth(tmp_path):
+    command = [sys.executable, "-m", "instseg_pipeline.commands.evaluate", "panoptic",
+               "--gt-dir", str(tmp_path), "--gt-json", str(tmp_path / "gt.json"),
+               "--pred-dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert "--gt-dir replaces --gt-json and --gt-folder" in done.stderr

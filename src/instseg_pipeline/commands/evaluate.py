@@ -52,8 +52,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Panoptic quality with the COCO panoptic task's rules (IoU > 0.5 "
                     "matching, void and crowd handling). Prints {all, things, stuff} with "
                     "pq, sq, rq (fractions in [0, 1]) and n (number of categories).")
-    pan.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth json")
-    pan.add_argument("--gt-folder", required=True, help="folder of ground-truth PNGs")
+    pan.add_argument("--gt-json", help="COCO panoptic ground-truth json")
+    pan.add_argument("--gt-folder", help="folder of ground-truth PNGs")
+    pan.add_argument("--gt-dir",
+                     help="a saved panoptic_ground_truth version (the folder holding "
+                          f"{PRED_DIR_JSON} and {PRED_DIR_PNGS}/: what the pipeline's "
+                          "pq_metrics scored against), instead of --gt-json and --gt-folder")
     pan.add_argument("--pred-json", help="COCO panoptic prediction json")
     pan.add_argument("--pred-folder", help="folder of prediction PNGs")
     pan.add_argument("--pred-dir",
@@ -90,18 +94,23 @@ def _run(args: argparse.Namespace) -> dict:
         return evaluate_folders(args.gt_folder, args.results, allow_missing=args.allow_missing)
     from instseg_pipeline.evaluation.panoptic import pq_from_files
 
-    return pq_from_files(args.gt_json, args.gt_folder, *_prediction_files(args))
+    return pq_from_files(*_panoptic_files(args.gt_dir, args.gt_json, args.gt_folder, "gt"),
+                         *_panoptic_files(args.pred_dir, args.pred_json, args.pred_folder,
+                                          "pred"))
 
 
-def _prediction_files(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(json, PNG folder) of `panoptic`: --pred-dir or both --pred-json and --pred-folder."""
-    if args.pred_dir is not None:
-        if args.pred_json is not None or args.pred_folder is not None:
-            raise UsageError("--pred-dir replaces --pred-json and --pred-folder; give one way")
-        return Path(args.pred_dir) / PRED_DIR_JSON, Path(args.pred_dir) / PRED_DIR_PNGS
-    if args.pred_json is None or args.pred_folder is None:
-        raise UsageError("give --pred-json and --pred-folder, or --pred-dir")
-    return Path(args.pred_json), Path(args.pred_folder)
+def _panoptic_files(folder: str | None, json_path: str | None, pngs: str | None,
+                    side: str) -> tuple[Path, Path]:
+    """(json, PNG folder) of one side of `panoptic`: --{side}-dir, or both --{side}-json and
+    --{side}-folder."""
+    if folder is not None:
+        if json_path is not None or pngs is not None:
+            raise UsageError(f"--{side}-dir replaces --{side}-json and --{side}-folder; give "
+                             "one way")
+        return Path(folder) / PRED_DIR_JSON, Path(folder) / PRED_DIR_PNGS
+    if json_path is None or pngs is None:
+        raise UsageError(f"give --{side}-json and --{side}-folder, or --{side}-dir")
+    return Path(json_path), Path(pngs)
 
 
 class UsageError(MetricInputError):

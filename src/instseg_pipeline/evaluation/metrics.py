@@ -16,6 +16,7 @@ from instseg_pipeline.data.tables import select_split, tables_to_coco
 from instseg_pipeline.evaluation.cityscapes import cityscapes_ap_from_tables, read_id_map
 from instseg_pipeline.evaluation.coco import coco_eval_details
 from instseg_pipeline.evaluation.matching import match_masks
+from instseg_pipeline.evaluation.panoptic import panoptic_ground_truth as _panoptic_ground_truth
 from instseg_pipeline.evaluation.panoptic import pq_from_predictions
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,15 @@ def panoptic_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     result = pq_from_predictions(images, instances, stuff_segments, categories, panoptic)
     return {k: v for k, v in result.items() if k != "per_category"} | {
         "per_category": {str(k): v for k, v in result.get("per_category", {}).items()}}
+
+
+def panoptic_ground_truth(images: pd.DataFrame, instances: pd.DataFrame,
+                          stuff_segments: pd.DataFrame | None, categories: pd.DataFrame,
+                          panoptic: dict, split: str) -> dict:
+    """The ground truth `panoptic_metrics` scores ``panoptic`` against on the ``split``
+    images, in the ``panoptic_predictions`` form (`evaluation.panoptic.panoptic_ground_truth`)."""
+    images, instances = select_split(images, instances, split)
+    return _panoptic_ground_truth(images, instances, stuff_segments, categories, panoptic)
 
 
 def matched_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,

@@ -598,9 +598,10 @@ def _predicted_ids(predictions: Mapping, annotation: Mapping) -> np.ndarray:
                                f"PNG {name}, which is not among them") from None
 
 
-def _prediction_samples(images: pd.DataFrame, instances: pd.DataFrame,
-                        stuff_segments: pd.DataFrame, predictions: Mapping,
-                        annotations: Mapping[int, Mapping]) -> Iterator[PanopticSample]:
+def _ground_truth_maps(images: pd.DataFrame, instances: pd.DataFrame,
+                       stuff_segments: pd.DataFrame
+                       ) -> Iterator[tuple[int, np.ndarray, list[dict]]]:
+    """(image id, GT id map, segments_info) per ``images`` row, from the tables."""
     gt_groups = dict(tuple(instances.groupby("image_id")))
     stuff_groups = dict(tuple(stuff_segments.groupby("image_id")))
     empty_gt = instances.iloc[:0]
@@ -608,6 +609,24 @@ def _prediction_samples(images: pd.DataFrame, instances: pd.DataFrame,
         image_id = int(image["image_id"])
         gt_ids, gt_segments = panoptic_gt_from_tables(
             image, gt_groups.get(image_id, empty_gt), stuff_groups.get(image_id))
+        yield image_id, gt_ids, gt_segments
+
+
+def _scored_stuff(stuff_segments: pd.DataFrame | None, covered: set[int],
+                  table: Mapping[int, bool]) -> pd.DataFrame:
+    """The stuff segments of the stuff categories a prediction set covers (none for an
+    instance model: it is scored on things only)."""
+    from instseg_pipeline.data.tables import make_instances
+
+    stuff = make_instances([]) if stuff_segments is None else stuff_segments
+    return stuff[stuff["category_id"].isin([c for c in covered if not table[c]])]
+
+
+def _prediction_samples(images: pd.DataFrame, instances: pd.DataFrame,
+                        stuff_segments: pd.DataFrame, predictions: Mapping,
+                        annotations: Mapping[int, Mapping]) -> Iterator[PanopticSample]:
+    for image_id, gt_ids, gt_segments in _ground_truth_maps(images, instances,
+                                                            stuff_segments):
         annotation = annotations[image_id]
         yield PanopticSample(image_id, gt_ids, gt_segments,
                              _predicted_ids(predictions, annotation),
@@ -631,8 +650,27 @@ def pq_from_predictions(images: pd.DataFrame, instances: pd.DataFrame,
     """
     table = parse_categories(panoptic_categories(categories))
     annotations = _prediction_annotations(predictions, images["image_id"].astype(int).tolist())
-    covered = _predicted_categories(predictions, table)
-    stuff = stuff_segments.iloc[:0] if stuff_segments is None else stuff_segments
-    stuff = stuff[stuff["category_id"].isin([c for c in covered if not table[c]])]
+    stuff = _scored_stuff(stuff_segments, _predicted_categories(predictions, table), table)
     samples = _prediction_samples(images, instances, stuff, predictions, annotations)
     return pq_from_arrays(samples, panoptic_categories(categories), total=len(images))
+
+
+def panoptic_ground_truth(images: pd.DataFrame, instances: pd.DataFrame,
+                          stuff_segments: pd.DataFrame | None, categories: pd.DataFrame,
+                          predictions: Mapping) -> dict:
+    """The ground truth `pq_from_predictions` scores ``predictions`` against, in the same
+    form (``{"annotations", "categories", "pngs"}``, PNG names as the predictions'), so
+    that saved as COCO panoptic files `pq_from_files` on both gives the same numbers.
+
+    ``images``: the evaluated images (select the split first). Things from ``instances``;
+    stuff only of the stuff categories the predictions cover.
+    """
+    table = parse_categories(panoptic_categories(categories))
+    annotations = _prediction_annotations(predictions, images["image_id"].astype(int).tolist())
+    stuff = _scored_stuff(stuff_segments, _predicted_categories(predictions, table), table)
+    out, pngs = [], {}
+    for image_id, gt_ids, gt_segments in _ground_truth_maps(images, instances, stuff):
+        name = str(annotations[image_id]["file_name"])
+        pngs[name] = gt_ids
+        out.append({"image_id": image_id, "file_name": name, "segments_info": gt_segments})
+    return {"annotations": out, "categories": panoptic_categories(categories), "pngs": pngs}

@@ -107,6 +107,17 @@ def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     return result
 
 
+def write_panoptic_ground_truth(images: pd.DataFrame, instances: pd.DataFrame,
+                                stuff_segments: pd.DataFrame, categories: pd.DataFrame,
+                                panoptic_predictions: dict, params: dict) -> dict:
+    """The ground truth ``pq_metrics`` scores ``panoptic_predictions`` against, saved as COCO
+    panoptic files: ``instseg-eval panoptic --gt-dir <it> --pred-dir <the predictions>``
+    reproduces ``pq_metrics``."""
+    config = EvaluationConfig.from_params(params)
+    return evaluation.panoptic_ground_truth(images, instances, stuff_segments, categories,
+                                            panoptic_predictions, config.split)
+
+
 def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
                                categories: pd.DataFrame, predictions: pd.DataFrame,
                                source: dict, params: dict) -> dict:

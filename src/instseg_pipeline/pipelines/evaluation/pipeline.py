@@ -14,6 +14,7 @@ from .nodes import (
     plot_visualisation_suite,
     predict,
     predict_panoptic,
+    write_panoptic_ground_truth,
 )
 
 
@@ -32,6 +33,8 @@ def create_pipeline(**kwargs) -> Pipeline:
               "params:evaluation"], "panoptic_predictions", name="predict_panoptic"),
         Node(compute_pq_metrics, [*panoptic_tables, "params:evaluation"], "pq_metrics",
              name="compute_pq_metrics"),
+        Node(write_panoptic_ground_truth, [*panoptic_tables, "params:evaluation"],
+             "panoptic_ground_truth", name="write_panoptic_ground_truth"),
         Node(compute_cityscapes_metrics,
              ["images", "instances", "categories", "predictions", "params:source",
               "params:evaluation"], "cityscapes_metrics", name="compute_cityscapes_metrics"),
