@@ -127,6 +127,46 @@ def test_cosine_schedule_follows_half_cosine(tmp_path):
     assert lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * i / 6)) for i in range(6)])
 
 
+def test_time_budget_stops_the_run_and_its_schedule_follows_the_clock(tmp_path):
+    """"Train for N minutes": the run ends at the budget, far from max_iters, and the cosine
+    falls with the elapsed share of the budget, not with the share of max_iters."""
+    import time
+
+    def slow(event, info):  # each step takes at least 40 ms
+        if event == "step_end":
+            time.sleep(0.04)
+
+    cfg = {"max_iters": 100_000, "time_budget_min": 0.01, "scheduler": {"name": "cosine"},
+           "optimizer": {"name": "sgd", "lr": 1e-3}}
+    started = time.perf_counter()
+    result = run(tmp_path, cfg, callbacks=[slow])
+    took = time.perf_counter() - started
+    lrs = result.history["lr"].tolist()
+    assert 3 <= result.iterations < 100 and took >= 0.6
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] == pytest.approx(1e-3)
+    # by the last step most of the 0.6 s had passed: far down the cosine, which a schedule
+    # over 100 000 iterations would not have left
+    assert lrs[-1] < 0.4e-3
+
+
+def test_time_budget_maps_milestones_to_their_share_of_the_run():
+    from instseg_pipeline.engine.loop import lr_factor
+
+    cfg = TrainingConfig.from_params({**BASE, "checkpoint_dir": "unused", "max_iters": 600,
+                                      "scheduler": {"name": "multistep",
+                                                    "milestones": [450, 550], "gamma": 0.1}})
+    assert [lr_factor(0, cfg, share) for share in (0.0, 0.74, 0.75, 0.95)] == \
+        pytest.approx([1.0, 1.0, 0.1, 0.01])
+    # without a budget the iteration decides, as before
+    assert [lr_factor(it, cfg) for it in (449, 450, 550)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("minutes", [0, -1.5])
+def test_a_time_budget_must_be_positive(tmp_path, minutes):
+    with pytest.raises(ConfigError, match="time_budget_min"):
+        config(tmp_path, time_budget_min=minutes)
+
+
 def test_unknown_config_key_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"^training\.max_iter: unknown key; known: amp, "):
         config(tmp_path, max_iter=3)

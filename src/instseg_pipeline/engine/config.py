@@ -123,6 +123,8 @@ class TrainingConfig(Schema):
     families: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # the loop
     max_iters: int = 600                    # optimizer steps in all
+    time_budget_min: float | None = None    # also stop after this many minutes of steps;
+                                            # the schedule follows the elapsed share
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     warmup_iters: int = 50                  # linear from warmup_factor * lr to lr
@@ -148,3 +150,6 @@ class TrainingConfig(Schema):
             raise ConfigError("max_iters", f"must be >= 1, got {self.max_iters}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ConfigError("time_budget_min",
+                              f"must be > 0 minutes or null, got {self.time_budget_min}")

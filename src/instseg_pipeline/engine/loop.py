@@ -14,6 +14,13 @@ scalar losses (the models contract). It takes objects, not paths:
   the same number of batches on every rank.
 - ``config``: the typed ``training`` block (`engine.config.TrainingConfig`).
 
+With ``config.time_budget_min`` the run also stops at the first step end after that many
+minutes of steps, and the schedule follows the elapsed share of the budget instead of the
+share of ``max_iters`` (a cosine ends at the budget; multistep milestones fire at their
+fraction of ``max_iters`` of it), so a budget is "train for N minutes" on any machine; the
+number of steps then depends on the machine's speed, so such a run does not repeat bit for
+bit. ``max_iters`` stays a cap.
+
 Everything around the steps is a `engine.callbacks.Callback`: progress bar, loss logging,
 validation loss, checkpoints (every ``checkpoint_every`` steps, at epoch ends and at the end;
 see `engine.checkpoint`), model selection, and the caller's callbacks.
@@ -106,6 +113,12 @@ class TrainState:
     val_history: list[dict] = field(default_factory=list)
     last_checkpoint: Path | None = None
     pending_rng: dict | None = None     # a resumed run's RNG states, restored where it stood
+    budget: TimeBudget | None = None    # training.time_budget_min, when set
+
+    def done(self) -> bool:
+        """The run has taken its steps or spent its time budget."""
+        return self.iteration >= self.config.max_iters or bool(
+            self.budget and self.budget.spent())
 
     @property
     def raw_model(self) -> nn.Module:
@@ -135,6 +148,26 @@ class TrainState:
                            last_checkpoint=self.last_checkpoint)
 
 
+class TimeBudget:
+    """A wall-clock budget of training steps: ``progress()`` is the elapsed share (0 before
+    `start`), ``spent()`` whether it is used up."""
+
+    def __init__(self, minutes: float):
+        self.seconds = float(minutes) * 60.0
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def progress(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (time.perf_counter() - self.started) / self.seconds
+
+    def spent(self) -> bool:
+        return self.progress() >= 1.0
+
+
 # ---------------------------------------------------------------------------- the loop
 
 def train(model: nn.Module, make_loader: Callable[[int], Iterable], config: TrainingConfig, *,
@@ -153,11 +186,14 @@ def train(model: nn.Module, make_loader: Callable[[int], Iterable], config: Trai
     """
     state = _setup(model, config, model_config)
     state.callbacks = _attach(config, val_loader, callbacks)
-    logger.info("training on %s (amp %s, world size %d) for %d iterations", state.device,
-                state.amp, distributed.world_size(), config.max_iters)
+    logger.info("training on %s (amp %s, world size %d) for %d iterations%s", state.device,
+                state.amp, distributed.world_size(), config.max_iters,
+                f" or {config.time_budget_min:g} minutes" if state.budget else "")
     _start(state)
     state.fire("train_start")
-    while state.iteration < config.max_iters:
+    if state.budget is not None:
+        state.budget.start()
+    while not state.done():
         batches = _open_epoch(state, make_loader)
         if batches is None:
             continue
@@ -165,6 +201,9 @@ def train(model: nn.Module, make_loader: Callable[[int], Iterable], config: Trai
         if state.batch_in_epoch == state.epoch_batches:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             state.fire("epoch_end")
+    if state.budget is not None and state.iteration < config.max_iters:
+        logger.info("time budget of %g minutes spent after %d iterations",
+                    config.time_budget_min, state.iteration)
     state.fire("train_end")
     return state.result()
 
@@ -202,7 +241,7 @@ def train_one_epoch(state: TrainState, batches: Iterable, multiscale: Any = None
         state.scheduler.step()
         step = state.record(loss_dict, lr, time.perf_counter() - start, skipped=not finite)
         state.fire("step_end", step)
-        if state.batch_in_epoch == state.epoch_batches or state.iteration >= cfg.max_iters:
+        if state.batch_in_epoch == state.epoch_batches or state.done():
             return
 
 
@@ -232,10 +271,11 @@ def _setup(model: nn.Module, config: TrainingConfig, model_config: dict) -> Trai
     amp = resolve_amp(config.amp, device)
     model.to(device)
     optimizer = build_optimizer(model, config.optimizer)
+    budget = TimeBudget(config.time_budget_min) if config.time_budget_min else None
     return TrainState(config=config, model=model, optimizer=optimizer,
-                      scheduler=build_scheduler(optimizer, config),
+                      scheduler=build_scheduler(optimizer, config, budget),
                       scaler=torch.amp.GradScaler(device.type, enabled=amp),
-                      device=device, amp=amp, model_config=dict(model_config))
+                      device=device, amp=amp, model_config=dict(model_config), budget=budget)
 
 
 def _attach(config: TrainingConfig, val_loader: Iterable | None,
@@ -313,15 +353,21 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
                            weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer,
-                    cfg: TrainingConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """A per-iteration LambdaLR following `lr_factor` (its state is just the step count)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig,
+                    budget: TimeBudget | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-iteration LambdaLR following `lr_factor` (its state is just the step count);
+    with a `TimeBudget` the schedule follows its elapsed share."""
+    if budget is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, cfg, budget.progress()))
 
 
-def lr_factor(iteration: int, cfg: TrainingConfig) -> float:
-    """Multiplier of the base lr for the step `iteration` (0-based): warmup x schedule."""
-    return _warmup(iteration, cfg) * _schedule(iteration, cfg)
+def lr_factor(iteration: int, cfg: TrainingConfig, progress: float | None = None) -> float:
+    """Multiplier of the base lr for the step `iteration` (0-based): warmup x schedule.
+    ``progress``: the share of the run done (a time budget's), instead of
+    ``iteration / max_iters``."""
+    return _warmup(iteration, cfg) * _schedule(iteration, cfg, progress)
 
 
 def _warmup(iteration: int, cfg: TrainingConfig) -> float:
@@ -331,12 +377,15 @@ def _warmup(iteration: int, cfg: TrainingConfig) -> float:
     return cfg.warmup_factor * (1.0 - alpha) + alpha
 
 
-def _schedule(iteration: int, cfg: TrainingConfig) -> float:
+def _schedule(iteration: int, cfg: TrainingConfig, progress: float | None = None) -> float:
     sched = cfg.scheduler
+    done = iteration / cfg.max_iters if progress is None else progress
     if sched.name == "multistep":
-        return sched.gamma ** sum(1 for m in sched.milestones if iteration >= m)
+        passed = (sum(1 for m in sched.milestones if iteration >= m) if progress is None
+                  else sum(1 for m in sched.milestones if progress >= m / cfg.max_iters))
+        return sched.gamma ** passed
     if sched.name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(iteration / cfg.max_iters, 1.0)))
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
     return 1.0
 
 
