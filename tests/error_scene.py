@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from PIL import Image
+from scene_shapes import circle, instance_row, rect
 
 from instseg_pipeline.data import masks
 from instseg_pipeline.data.tables import make_categories, make_images, make_instances
@@ -30,15 +31,11 @@ PREDICTION_COLUMNS = ["prediction_id", "image_id", "category_id", "label", "scor
 
 
 def _circle(cx, cy, r):
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    cv2.circle(mask, (cx, cy), r, 1, thickness=-1)
-    return mask
+    return circle(HEIGHT, WIDTH, cx, cy, r)
 
 
 def _rect(x0, y0, x1, y1):
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
+    return rect(HEIGHT, WIDTH, x0, y0, x1, y1)
 
 
 def _triangle(points):
@@ -86,13 +83,6 @@ def _write_image(path: Path, image_id: int) -> None:
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
 
 
-def _instance_row(instance_id, image_id, category_id, mask, crowd):
-    rle = masks.bitmap_to_rle(mask)
-    return {"instance_id": instance_id, "image_id": image_id, "category_id": category_id,
-            "bbox": masks.rle_bbox(rle), "area": masks.rle_area(rle), "iscrowd": crowd,
-            "rle": masks.rle_to_string(rle)}
-
-
 def _prediction_row(prediction_id, image_id, category_id, score, mask):
     rle = masks.bitmap_to_rle(mask)
     return {"prediction_id": prediction_id, "image_id": image_id, "category_id": category_id,
@@ -110,7 +100,7 @@ def build_scene(root: Path) -> dict:
     images = make_images({"image_id": i, "file_name": f"images/img{i}.png", "width": WIDTH,
                           "height": HEIGHT, "split": "train" if i == 4 else "val",
                           "source": "test"} for i in range(1, 5))
-    instances = make_instances(_instance_row(k, *v) for k, v in GT.items())
+    instances = make_instances(instance_row(k, *v) for k, v in GT.items())
     categories = make_categories({"category_id": c, "name": n, "supercategory": "shape",
                                   "isthing": True} for c, n in NAMES.items())
     predictions = pd.DataFrame([_prediction_row(k, *v) for k, v in PRED.items()],

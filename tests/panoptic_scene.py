@@ -17,10 +17,10 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
+from scene_shapes import circle, instance_row, rect
 from torch import nn
 
 from instseg_pipeline.data import masks
@@ -43,15 +43,11 @@ COLOURS = {1: (210, 40, 40), 2: (40, 80, 210), 5: (150, 200, 240), 6: (110, 90, 
 
 
 def _circle(cx, cy, r):
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    cv2.circle(mask, (cx, cy), r, 1, thickness=-1)
-    return mask
+    return circle(HEIGHT, WIDTH, cx, cy, r)
 
 
 def _rect(x0, y0, x1, y1):
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
+    return rect(HEIGHT, WIDTH, x0, y0, x1, y1)
 
 
 # things: instance_id -> (image_id, category_id, mask, iscrowd)
@@ -81,13 +77,6 @@ def _stuff_masks(image_id: int) -> dict[int, np.ndarray]:
     return {5: (sky & ~things).astype(np.uint8), 6: (ground & ~things).astype(np.uint8)}
 
 
-def _row(instance_id, image_id, category_id, mask, crowd=False):
-    rle = masks.bitmap_to_rle(mask)
-    return {"instance_id": instance_id, "image_id": image_id, "category_id": category_id,
-            "bbox": masks.rle_bbox(rle), "area": masks.rle_area(rle), "iscrowd": crowd,
-            "rle": masks.rle_to_string(rle)}
-
-
 def _picture(image_id: int) -> np.ndarray:
     rng = np.random.default_rng(image_id)
     pixels = np.full((HEIGHT, WIDTH, 3), 128.0) + rng.normal(0, 10, (HEIGHT, WIDTH, 3))
@@ -108,8 +97,8 @@ def build_scene(root: Path) -> dict:
     images = make_images({"image_id": i, "file_name": f"images/img{i}.png", "width": WIDTH,
                           "height": HEIGHT, "split": "train" if i == 4 else "val",
                           "source": "test"} for i in range(1, 5))
-    instances = make_instances(_row(k, *v) for k, v in THINGS.items())
-    stuff = make_instances(_row(100 * image_id + category, image_id, category, mask)
+    instances = make_instances(instance_row(k, *v) for k, v in THINGS.items())
+    stuff = make_instances(instance_row(100 * image_id + category, image_id, category, mask)
                            for image_id in range(1, 5)
                            for category, mask in _stuff_masks(image_id).items())
     categories = make_categories({"category_id": c, "name": n, "supercategory": "scene",

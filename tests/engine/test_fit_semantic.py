@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scene_shapes import instance_row, rect
 from torch import nn
 
-from instseg_pipeline.data.masks import bitmap_to_rle, rle_to_string
 from instseg_pipeline.data.tables import (
     IGNORE_LABEL,
     make_categories,
@@ -82,18 +82,7 @@ def semantic_family(monkeypatch):
 
 
 def _mask(y0, y1, x0, x1) -> np.ndarray:
-    mask = np.zeros((H, W), np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
-
-
-def _row(instance_id, image_id, category_id, mask, iscrowd=False) -> dict:
-    ys, xs = np.nonzero(mask)
-    return {"instance_id": instance_id, "image_id": image_id, "category_id": category_id,
-            "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1),
-                     float(np.ptp(ys) + 1)],
-            "area": int(mask.sum()), "iscrowd": iscrowd,
-            "rle": rle_to_string(bitmap_to_rle(mask))}
+    return rect(H, W, x0, y0, x1, y1)
 
 
 @pytest.fixture
@@ -109,10 +98,10 @@ def tables(tmp_path):
                      "height": H, "split": "val" if image_id == 3 else "train",
                      "source": "handmade"})
     images = make_images(rows)
-    instances = make_instances([_row(10 + i, i, 5, _mask(10, 34, 8 * i, 8 * i + 20))
+    instances = make_instances([instance_row(10 + i, i, 5, _mask(10, 34, 8 * i, 8 * i + 20))
                                 for i in (1, 2, 3)]
-                               + [_row(20, 1, 5, _mask(40, 46, 50, 60), iscrowd=True)])
-    stuff = make_instances([_row(100 + 2 * i + k, i, cat, _mask(*rows_, 0, W))
+                               + [instance_row(20, 1, 5, _mask(40, 46, 50, 60), iscrowd=True)])
+    stuff = make_instances([instance_row(100 + 2 * i + k, i, cat, _mask(*rows_, 0, W))
                             for i in (1, 2, 3)
                             for k, (cat, rows_) in enumerate(((31, (0, 16)), (30, (30, 48))))])
     categories = make_categories([

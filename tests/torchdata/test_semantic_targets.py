@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scene_shapes import instance_row, rect
 
 from instseg_pipeline.config_schema import build
-from instseg_pipeline.data.masks import bitmap_to_rle, rle_to_string
 from instseg_pipeline.data.semantic import (
     decode_semantic,
     group_segments,
@@ -32,18 +32,7 @@ W, H = 40, 32
 
 
 def _rect(y0, y1, x0, x1) -> np.ndarray:
-    mask = np.zeros((H, W), np.uint8)
-    mask[y0:y1, x0:x1] = 1
-    return mask
-
-
-def _row(instance_id, image_id, category_id, mask, iscrowd=False) -> dict:
-    ys, xs = np.nonzero(mask)
-    return {"instance_id": instance_id, "image_id": image_id, "category_id": category_id,
-            "bbox": [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1),
-                     float(np.ptp(ys) + 1)],
-            "area": int(mask.sum()), "iscrowd": iscrowd,
-            "rle": rle_to_string(bitmap_to_rle(mask))}
+    return rect(H, W, x0, y0, x1, y1)
 
 
 # categories: things 7 ("car") and 3 ("person"); stuff 40 ("sky") and 20 ("road"):
@@ -70,12 +59,12 @@ def tables(tmp_path):
         for image_id, name, split in ((1, "a.png", "train"), (2, "b.png", "train"),
                                       (3, "c.png", "val"))])
     instances = make_instances([
-        _row(10, 1, 7, _rect(8, 24, 4, 12)),                  # car across sky, void, road
-        _row(11, 1, 3, _rect(26, 30, 30, 38), iscrowd=True)])  # crowd inside the road
+        instance_row(10, 1, 7, _rect(8, 24, 4, 12)),                  # car across sky, void, road
+        instance_row(11, 1, 3, _rect(26, 30, 30, 38), iscrowd=True)])  # crowd inside the road
     stuff = make_instances([
-        _row(50, 1, 40, _rect(0, 12, 0, W)),
-        _row(51, 1, 20, _rect(20, 32, 0, W)),
-        _row(52, 3, 40, _rect(0, 5, 0, W))])
+        instance_row(50, 1, 40, _rect(0, 12, 0, W)),
+        instance_row(51, 1, 20, _rect(20, 32, 0, W)),
+        instance_row(52, 3, 40, _rect(0, 5, 0, W))])
     return images, instances, stuff, CATEGORIES, tmp_path
 
 
