@@ -101,7 +101,7 @@ def overlay(image: np.ndarray, found, classes: dict, stuff=None,
 def stuff_underlay(image: np.ndarray, stuff, names: dict) -> np.ndarray:
     """uint8 [H, W, 3]: ``image`` with each stuff segment lightly tinted in a muted colour
     of its category and its name written at the segment's innermost pixel."""
-    from instseg_pipeline.viz.overlays import _COLORS, label_style
+    from instseg_pipeline.viz.overlays import _COLORS, inner_point, label_style
 
     out = image.astype(np.float32)
     scale, width = label_style(image.shape)
@@ -110,9 +110,8 @@ def stuff_underlay(image: np.ndarray, stuff, names: dict) -> np.ndarray:
         out[mask] = (1 - STUFF_ALPHA) * out[mask] + STUFF_ALPHA * rgb
     out = np.clip(np.round(out), 0, 255).astype(np.uint8)
     for mask, category_id in zip(stuff.masks, stuff.category_ids):
-        distance = cv2.distanceTransform(np.pad(mask, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
-        y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-        cv2.putText(out, names.get(int(category_id), str(int(category_id))), (int(x), int(y)),
+        x, y = inner_point(mask)
+        cv2.putText(out, names.get(int(category_id), str(int(category_id))), (x, y),
                     cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), width, cv2.LINE_AA)
     return out
 

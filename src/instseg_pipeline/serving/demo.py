@@ -44,7 +44,7 @@ from instseg_pipeline.serving.interactive import (
     PromptError,
     Prompts,
 )
-from instseg_pipeline.viz.overlays import _COLORS, overlay_masks
+from instseg_pipeline.viz.overlays import _COLORS, inner_point, overlay_masks
 
 logger = logging.getLogger(__name__)
 
@@ -166,15 +166,6 @@ def stuff_colour(category_id: int) -> tuple[int, int, int]:
 
 def stuff_hex_colour(category_id: int) -> str:
     return "#{:02x}{:02x}{:02x}".format(*stuff_colour(category_id))
-
-
-def inner_point(mask: np.ndarray) -> tuple[int, int]:
-    """(x, y) of the pixel of ``mask`` uint8 [H, W] farthest from its border (a label there
-    sits on the segment even when it is not convex); ``mask`` must not be empty."""
-    padded = np.pad(mask.astype(np.uint8), 1)  # the image edge is a border too
-    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(x), int(y)
 
 
 def draw_stuff(canvas: np.ndarray, stuff: StuffSegments, names: Mapping[int, str],

@@ -30,6 +30,15 @@ def overlay_masks(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> 
     return out
 
 
+def inner_point(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the pixel of ``mask`` uint8 [H, W] farthest from its border (a label there
+    sits on the segment even when it is not convex); ``mask`` must not be empty."""
+    padded = np.pad(mask.astype(np.uint8), 1)  # the image edge is a border too
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, 3)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
 def label_style(shape: tuple[int, ...]) -> tuple[float, int]:
     """(OpenCV font scale, line width in pixels) for an image of ``shape`` (H, W, ...):
     proportional to the shorter side, never below `MIN_FONT_SCALE` / `MIN_LINE_WIDTH`."""
