@@ -7,8 +7,9 @@ from kedro.pipeline import Pipeline
 
 from instseg_pipeline.pipelines import export
 
-# run by name only (`kedro run --pipelines model_comparison`): it trains one model per family
-RUN_ALONE = ("model_comparison",)
+# run by name only (`kedro run --pipelines model_comparison`): they train one model per
+# family (model_comparison) or per mask variant (weak_supervision)
+RUN_ALONE = ("model_comparison", "weak_supervision")
 
 
 def register_pipelines() -> dict[str, Pipeline]:

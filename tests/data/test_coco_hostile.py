@@ -59,7 +59,8 @@ HOSTILE = {
                        {"segmentation": {"size": [H, W], "counts": "o" * 6 + "1"}}),
     "string_size": ("rle_malformed", {"segmentation": {"size": ["30", W], "counts": [H * W]}}),
     "lone_surrogate": ("rle_malformed", {"segmentation": {"size": [H, W], "counts": "\ud800"}}),
-    "null_segmentation": ("segmentation_malformed", {"segmentation": None}),
+    # with a bbox, a null or empty segmentation is a box-only annotation (own tests)
+    "null_segmentation": ("segmentation_malformed", {"segmentation": None, "bbox": None}),
     "bbox_1e12": ("bbox_out_of_bounds", {"bbox": [1, 1, 1e12, 4]}),
     "bbox_beyond_float": ("bad_bbox", {"bbox": [1, 1, 10**400, 4]}),
 }

@@ -215,7 +215,7 @@ BAD_ANNOTATIONS = {
     "polygon_too_few_points": {"segmentation": [[1, 1, 5, 1]]},
     "polygon_odd_coordinates": {"segmentation": [[1, 1, 5, 1, 5, 5, 1]]},
     "polygon_nonfinite": {"segmentation": [[1, 1, NAN, 1, 5, 5, 1, 5]]},
-    "polygon_empty": {"segmentation": []},
+    "polygon_empty": {"segmentation": [], "bbox": None},  # with a bbox: box-only
     "rle_counts_sum": {"segmentation": {"size": [30, 40], "counts": [10, 20, 30]}},
     "rle_size_mismatch": {"segmentation": {"size": [31, 40], "counts": [31 * 40]}},
     "bad_bbox": {"bbox": [1, 1, NAN, 4]},

@@ -13,7 +13,8 @@ def test_mistyped_key_names_its_dotted_path():
         SourceConfig.from_params({"synthetic": {"num_image": 10}})
     with pytest.raises(ConfigError) as info:
         IngestionConfig.from_params({"val_fractio": 0.3})
-    assert str(info.value) == "ingestion.val_fractio: unknown key; known: split_seed, val_fraction"
+    assert str(info.value) == ("ingestion.val_fractio: unknown key; known: box_only, split_seed, "
+                               "val_fraction")
 
 
 def test_mistyped_value_names_its_dotted_path_and_the_expected_type():

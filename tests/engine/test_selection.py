@@ -40,9 +40,9 @@ def test_selector_keeps_the_best_weights(tmp_path, monkeypatch):
         with torch.no_grad():
             next(model.parameters()).add_(1.0)  # the weights change every epoch
         model.train()
-        # what the loop passes at an epoch end: epochs done, steps done, the unwrapped model
+        # what the loop passes at an epoch end: epochs done, steps done, the evaluated model
         selector.on_epoch_end(SimpleNamespace(epoch=epoch + 1, iteration=10 * (epoch + 1),
-                                              raw_model=model,
+                                              eval_model=model,
                                               fire=lambda *event: fired.append(event)))
         snapshots.append(next(model.parameters()).detach().clone())
     assert [h["iteration"] for h in selector.history] == [20, 40, 60]  # every 2nd epoch
@@ -58,6 +58,6 @@ def test_other_ranks_do_not_evaluate(tmp_path, monkeypatch):
     monkeypatch.setattr(selection, "coco_stats", lambda *a, **k: {"mAP": 1.0})
     monkeypatch.setattr(selection.distributed, "rank", lambda: 1)
     selector = selection.BestModelSelector(images, instances, categories, str(tmp_path), 1)
-    selector.on_epoch_end(SimpleNamespace(epoch=1, iteration=5, raw_model=None))
+    selector.on_epoch_end(SimpleNamespace(epoch=1, iteration=5, eval_model=None))
     assert selector.history == [] and selector.best is None
     assert isinstance(pd.DataFrame(selector.history), pd.DataFrame)

@@ -9,6 +9,7 @@ import pytest
 from kedro.config import OmegaConfigLoader
 
 from instseg_pipeline.comparison.config import ModelComparisonConfig
+from instseg_pipeline.comparison.weak_config import WeakSupervisionConfig
 from instseg_pipeline.config_schema import ConfigError
 from instseg_pipeline.data.config import IngestionConfig, SourceConfig
 from instseg_pipeline.engine.config import TrainingConfig
@@ -19,7 +20,7 @@ from instseg_pipeline.settings import CONFIG_LOADER_ARGS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SCHEMAS = (SourceConfig, IngestionConfig, TrainingConfig, EvaluationConfig, ExportConfig,
-           ModelComparisonConfig)
+           ModelComparisonConfig, WeakSupervisionConfig)
 ENVS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "base")
 
 
@@ -45,7 +46,7 @@ def test_base_yaml_states_the_schema_defaults():
     """One value per default: the YAML and the schema cannot drift (batch_size was 2 vs 4)."""
     params = parameters("local")
     for schema in (SourceConfig, IngestionConfig, EvaluationConfig, ExportConfig,
-                   ModelComparisonConfig):
+                   ModelComparisonConfig, WeakSupervisionConfig):
         assert schema.from_params(params[schema.BLOCK]) == schema(), schema.__name__
     training = params["training"]  # model: an open block, its defaults are the registry's
     assert TrainingConfig.from_params(training) == TrainingConfig(

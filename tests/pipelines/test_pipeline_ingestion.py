@@ -32,7 +32,8 @@ def test_ingestion_slice_on_memory_catalog(tmp_path):
     images = catalog.load("images")
     assert set(images["split"]) == {"train", "val"} and len(images) == 6
     assert catalog.load("data_quality_report")["crowd_instances"] == 1
-    SequentialRunner().run(create_pipeline().only_nodes("compute_dataset_statistics"), catalog)
+    SequentialRunner().run(create_pipeline().only_nodes("simulate_box_only",
+                                                        "compute_dataset_statistics"), catalog)
     stats = catalog.load("dataset_statistics")
     assert sum(s["images"] for s in stats.values()) == 6
     assert sum(s["crowd_regions"] for s in stats.values()) == 1

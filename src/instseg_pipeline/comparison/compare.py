@@ -109,7 +109,8 @@ def evaluate(network, images: pd.DataFrame, instances: pd.DataFrame,
                                  score_threshold=evaluation.score_threshold,
                                  mask_threshold=evaluation.mask_threshold)
     stats = coco_metrics(images, instances, categories, predictions, evaluation.split,
-                         ("segm", "bbox"), evaluation.backend)["metrics"]
+                         ("segm", "bbox"), evaluation.backend,
+                         allow_pseudo_masks=evaluation.allow_pseudo_masks)["metrics"]
     return {"mAP": _ap(stats["segm"]["mAP"]), "mAP_50": _ap(stats["segm"]["mAP_50"]),
             "mAP_75": _ap(stats["segm"]["mAP_75"]), "box_mAP": _ap(stats["bbox"]["mAP"])}
 

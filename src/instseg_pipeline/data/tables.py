@@ -4,7 +4,9 @@
 - ``instances``: instance_id, image_id, category_id, bbox (COCO x, y, w, h), area, iscrowd,
   rle (compressed COCO RLE counts string of the full-size mask; its size is the image's),
   annotation_id (the source's own id of the object: a COCO annotation id, a panoptic PNG
-  segment id; the instance_id where the source has none)
+  segment id; the instance_id where the source has none), mask_source (where the mask came
+  from: ``annotated`` by a person, or a pseudo-mask made from the box, `PSEUDO`:
+  ``grabcut``, ``box``, ``sam``; ``annotated`` where a reader does not say)
 - ``stuff_segments`` (panoptic sources; empty for the others): the same columns, one row
   per stuff segment (amorphous regions: sky, road), categories with ``isthing`` false
 - ``categories``: category_id, name, supercategory, isthing (models learn the things only)
@@ -22,14 +24,18 @@ import pandas as pd
 
 IMAGE_COLUMNS = ["image_id", "file_name", "width", "height", "split", "source"]
 INSTANCE_COLUMNS = ["instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle",
-                    "annotation_id"]
+                    "annotation_id", "mask_source"]
 CATEGORY_COLUMNS = ["category_id", "name", "supercategory", "isthing"]
+
+ANNOTATED = "annotated"
+PSEUDO = ("grabcut", "box", "sam")      # masks made from a box, not drawn by a person
+MASK_SOURCES = (ANNOTATED, *PSEUDO)
 
 _IMAGE_DTYPES = {"image_id": "int64", "file_name": "string", "width": "int64",
                  "height": "int64", "split": "string", "source": "string"}
 _INSTANCE_DTYPES = {"instance_id": "int64", "image_id": "int64", "category_id": "int64",
                     "area": "int64", "iscrowd": "bool", "rle": "string",
-                    "annotation_id": "int64"}
+                    "annotation_id": "int64", "mask_source": "string"}
 _CATEGORY_DTYPES = {"category_id": "int64", "name": "string", "supercategory": "string",
                     "isthing": "bool"}
 
@@ -49,14 +55,22 @@ def make_images(rows: Iterable[Mapping]) -> pd.DataFrame:
 
 
 def _own_ids(rows: Iterable[Mapping]) -> list[Mapping]:
-    """Rows with ``annotation_id``: the instance_id where a source gives none."""
-    return [row if row.get("annotation_id") is not None
-            else {**row, "annotation_id": row["instance_id"]} for row in rows]
+    """Rows with ``annotation_id`` (the instance_id where a source gives none) and
+    ``mask_source`` (``annotated`` where it gives none)."""
+    return [row if row.get("annotation_id") is not None and row.get("mask_source") is not None
+            else {**row, "annotation_id": _first(row.get("annotation_id"), row["instance_id"]),
+                  "mask_source": _first(row.get("mask_source"), ANNOTATED)}
+            for row in rows]
+
+
+def _first(value, default):
+    return default if value is None else value
 
 
 def make_instances(rows: Iterable[Mapping]) -> pd.DataFrame:
     """Build the ``instances`` (or ``stuff_segments``) table; ``bbox`` is a list of four
-    floats per row; ``annotation_id`` defaults to the instance_id."""
+    floats per row; ``annotation_id`` defaults to the instance_id, ``mask_source`` to
+    ``annotated``."""
     frame = _frame(_own_ids(rows), INSTANCE_COLUMNS, _INSTANCE_DTYPES)
     frame["bbox"] = [[float(v) for v in box] for box in frame["bbox"]]
     return frame
@@ -65,8 +79,9 @@ def make_instances(rows: Iterable[Mapping]) -> pd.DataFrame:
 def instances_from_columns(columns: Mapping[str, list]) -> pd.DataFrame:
     """The ``instances`` table from ``{column: list}`` (faster than rows for large sources);
     ``bbox`` lists are taken as they are when already four floats each; ``annotation_id``
-    defaults to the instance_id."""
-    columns = {"annotation_id": columns["instance_id"], **columns}
+    defaults to the instance_id, ``mask_source`` to ``annotated``."""
+    columns = {"annotation_id": columns["instance_id"],
+               "mask_source": [ANNOTATED] * len(columns["instance_id"]), **columns}
     frame = pd.DataFrame({name: columns[name] for name in INSTANCE_COLUMNS}).astype(
         _INSTANCE_DTYPES)
     boxes = frame["bbox"].tolist()
@@ -101,6 +116,25 @@ def check_tables(images: pd.DataFrame, instances: pd.DataFrame,
             raise TableContractError(f"table '{name}' has duplicate {key}s {dupes[:10]}")
     for name, frame in segments:
         _check_references(name, frame, images, categories)
+        _check_mask_sources(name, frame)
+
+
+def _check_mask_sources(name: str, frame: pd.DataFrame) -> None:
+    unknown = ~frame["mask_source"].isin(MASK_SOURCES)
+    if unknown.any():
+        values = sorted(map(str, frame.loc[unknown, "mask_source"].unique()))
+        bad = frame.loc[unknown, "instance_id"].tolist()[:10]
+        raise TableContractError(f"{name} {bad} have mask_source {values}, not one of "
+                                 f"{', '.join(MASK_SOURCES)}")
+
+
+def with_mask_source(instances: pd.DataFrame) -> pd.DataFrame:
+    """``instances`` with a ``mask_source`` column: tables written before it existed (every
+    mask annotated) get ``annotated``; others are returned as they are."""
+    if "mask_source" in instances.columns:
+        return instances
+    return instances.assign(mask_source=pd.Series(ANNOTATED, index=instances.index,
+                                                  dtype="string"))
 
 
 def _check_references(name: str, frame: pd.DataFrame, images: pd.DataFrame,

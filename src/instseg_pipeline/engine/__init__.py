@@ -6,6 +6,7 @@
   logging, validation loss, checkpoints. `selection`: model selection, another callback.
 - `checkpoint`: what a checkpoint holds, atomic writes, pruning, resume. `rng`: seeding and
   capturing the global RNG states. `losses`: weighted loss and validation loss.
+- `ema`: ``ModelEMA``, the moving average of the weights (``training.ema``).
 - `distributed`: the elastic launcher (torchrun semantics) and rank helpers.
 - `fit`: training from the canonical tables (datasets, loaders, model, selection), what the
   training node calls.

@@ -160,7 +160,8 @@ class LossLogger(Callback):
 
 
 class ValidationLoss(Callback):
-    """Mean validation losses after each epoch and at the end (if not just done)."""
+    """Mean validation losses of `TrainState.eval_model` (the moving average's with
+    ``training.ema``) after each epoch and at the end (if not just done)."""
 
     def __init__(self, loader: Iterable):
         self.loader, self.done_at = loader, -1
@@ -176,7 +177,7 @@ class ValidationLoss(Callback):
             self._validate(state)
 
     def _validate(self, state: TrainState) -> None:
-        values = validation_loss(state.raw_model, self.loader, state.device,
+        values = validation_loss(state.eval_model, self.loader, state.device,
                                  state.config.loss_weights, state.amp)
         state.val_history.append({"epoch": state.epoch, "iteration": state.iteration, **values})
         self.done_at = state.iteration

@@ -2,7 +2,8 @@
 
 ``<checkpoint_dir>/ckpt_<iteration:08d>.pt`` (iteration = optimizer steps done) holds the
 weights, optimizer, scheduler and AMP scaler states, the progress (epoch, batch in epoch,
-history), every rank's RNG states and the model config; it loads with
+history), every rank's RNG states, the model config and, when ``training.ema`` is on, the
+moving average's state (``ema``: `engine.ema.ModelEMA.state_dict`); it loads with
 ``torch.load(weights_only=True)``. A write goes to a temp file first, so a killed process
 never leaves a partial checkpoint under the final name.
 """
@@ -48,14 +49,17 @@ class CheckpointMismatchError(CheckpointError):
 
 def snapshot(state: TrainState, rngs: list[dict]) -> dict:
     """The checkpoint of `state` now; `rngs` holds every rank's `capture_rng()`."""
-    return {"format_version": FORMAT_VERSION, "model": state.raw_model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-            "epoch": state.epoch, "iteration": state.iteration,
-            "batch_in_epoch": state.batch_in_epoch, "rng": rngs,
-            "model_config": dict(state.model_config), "history": state.history,
-            "val_history": state.val_history, "skipped_steps": state.skipped,
-            "config": state.config.as_dict()}
+    saved = {"format_version": FORMAT_VERSION, "model": state.raw_model.state_dict(),
+             "optimizer": state.optimizer.state_dict(),
+             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+             "epoch": state.epoch, "iteration": state.iteration,
+             "batch_in_epoch": state.batch_in_epoch, "rng": rngs,
+             "model_config": dict(state.model_config), "history": state.history,
+             "val_history": state.val_history, "skipped_steps": state.skipped,
+             "config": state.config.as_dict()}
+    if state.ema is not None:
+        saved["ema"] = state.ema.state_dict()
+    return saved
 
 
 def restore(state: TrainState, path: Path) -> None:
@@ -72,6 +76,7 @@ def restore(state: TrainState, path: Path) -> None:
         raise CheckpointMismatchError(f"checkpoint {path} does not fit the model: {exc}") from exc
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
+    _restore_ema(state, saved, path)
     if state.scaler.is_enabled() and saved["scaler"]:
         state.scaler.load_state_dict(saved["scaler"])
     state.iteration, state.epoch = int(saved["iteration"]), int(saved["epoch"])
@@ -82,6 +87,26 @@ def restore(state: TrainState, path: Path) -> None:
     state.pending_rng = _rank_rng(saved["rng"])
     logger.info("resumed from %s at iteration %d (epoch %d, batch %d)",
                 path, state.iteration, state.epoch, state.batch_in_epoch)
+
+
+def _restore_ema(state: TrainState, saved: dict, path: Path) -> None:
+    """Continue the checkpoint's moving average; one saved without (``training.ema`` was off)
+    starts the average from the restored weights."""
+    if state.ema is None:
+        if "ema" in saved:
+            logger.info("checkpoint %s holds a moving average of the weights; training.ema "
+                        "is off, so it is not used", path)
+        return
+    if "ema" not in saved:
+        logger.warning("checkpoint %s holds no moving average of the weights (training.ema "
+                       "was off): the average starts from its weights", path)
+        state.ema.reset(state.raw_model)
+        return
+    try:
+        state.ema.load_state_dict(saved["ema"])
+    except (RuntimeError, KeyError) as exc:
+        raise CheckpointMismatchError(f"checkpoint {path}: its moving average of the weights "
+                                      f"does not fit the model: {exc}") from exc
 
 
 def _rank_rng(rngs: list[dict]) -> dict:

@@ -45,6 +45,24 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmaConfig:
+    """Exponential moving average of the weights (`engine.ema.ModelEMA`); decay null or 0 =
+    off. When on, validation, model selection and the trained model use the average.
+
+    Decay per optimizer step t: ``decay * (1 - exp(-t / warmup_iters))`` (0: no ramp).
+    """
+
+    decay: float | None = None
+    warmup_iters: int = 100
+
+    def __post_init__(self):
+        if self.decay is not None and not 0.0 <= self.decay < 1.0:
+            raise ConfigError("decay", f"must be in [0, 1) or null, got {self.decay}")
+        if self.warmup_iters < 0:
+            raise ConfigError("warmup_iters", f"must be >= 0, got {self.warmup_iters}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class AugmentationConfig:
     """Training augmentation (`torchdata.augment.build_augmentation`).
 
@@ -130,7 +148,10 @@ class TrainingConfig(Schema):
     warmup_iters: int = 50                  # linear from warmup_factor * lr to lr
     warmup_factor: float = 0.01
     clip_grad_norm: float | None = 10.0     # max total L2 norm; null or 0 = off
+    ema: EmaConfig = field(default_factory=EmaConfig)   # weight averaging; off by default
     loss_weights: Mapping[str, float] = field(default_factory=dict)  # unnamed weigh 1.0
+    pseudo_mask_loss_weight: float = 1.0    # mask-loss weight of instances whose mask_source
+                                            # is not `annotated` (grabcut, box, sam), in [0, 1]
     amp: Literal["auto"] | bool = "auto"    # auto = on for CUDA; never on CPU
     on_nonfinite: Literal["error", "skip"] = "error"
     log_every: int | None = 20              # iterations between log lines; 0/null = none
@@ -150,6 +171,10 @@ class TrainingConfig(Schema):
             raise ConfigError("max_iters", f"must be >= 1, got {self.max_iters}")
         if self.batch_size < 1:
             raise ConfigError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.pseudo_mask_loss_weight <= 1.0:
+            raise ConfigError("pseudo_mask_loss_weight",
+                              "must be in [0, 1] (a pseudo-mask counts at most as much as an "
+                              f"annotated one), got {self.pseudo_mask_loss_weight}")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ConfigError("time_budget_min",
                               f"must be > 0 minutes or null, got {self.time_budget_min}")

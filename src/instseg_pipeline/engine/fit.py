@@ -80,7 +80,8 @@ def build_datasets(images: pd.DataFrame, instances: pd.DataFrame, categories: pd
     extra = {"stuff_segments": stuff_segments, "semantic": True} if semantic else {}
     train_set = InstanceDataset(images, instances, categories, root, split="train",
                                 augmentation=build_augmentation(config.augmentation),
-                                seed=config.seed, **extra)
+                                seed=config.seed,
+                                pseudo_mask_weight=config.pseudo_mask_loss_weight, **extra)
     val_set = InstanceDataset(images, instances, categories, root, split="val",
                               seed=config.seed, **extra)
     if len(train_set) == 0:
@@ -181,11 +182,14 @@ def _selector(val: InstanceDataset, instances: pd.DataFrame, categories: pd.Data
 
 def _chosen_weights(model: torch.nn.Module, result: TrainResult,
                     selector: BestModelSelector | None) -> tuple[dict, dict]:
-    """The best evaluated weights (the final ones are evaluated too), or the last ones."""
+    """The best evaluated weights (the final ones, ``result.state_dict``: the moving
+    average's with ``training.ema``, are evaluated too), or the final ones."""
     if selector is None:
         return result.state_dict, {"metric": None, "iteration": int(result.iterations)}
     if not selector.history or selector.history[-1]["iteration"] != result.iterations:
-        selector.consider(distributed.unwrap(model), int(result.iterations), None)
+        final = distributed.unwrap(model)
+        final.load_state_dict(result.state_dict)
+        selector.consider(final, int(result.iterations), None)
     logger.info("model selection: best %s %.4f at iteration %d", selector.best["metric"],
                 selector.best["value"], selector.best["iteration"])
     return selector.best_state, {**selector.best, "history": selector.history}

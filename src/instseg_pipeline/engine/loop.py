@@ -21,6 +21,11 @@ fraction of ``max_iters`` of it), so a budget is "train for N minutes" on any ma
 number of steps then depends on the machine's speed, so such a run does not repeat bit for
 bit. ``max_iters`` stays a cap.
 
+With ``config.ema.decay`` set, an exponential moving average of the weights
+(`engine.ema.ModelEMA`) follows every optimizer step; `TrainState.eval_model` is then the
+averaged copy, which validation and model selection evaluate and whose weights `train`
+returns (the losses stay those of the trained weights), and checkpoints carry its state.
+
 Everything around the steps is a `engine.callbacks.Callback`: progress bar, loss logging,
 validation loss, checkpoints (every ``checkpoint_every`` steps, at epoch ends and at the end;
 see `engine.checkpoint`), model selection, and the caller's callbacks.
@@ -52,6 +57,7 @@ from instseg_pipeline.engine.callbacks import (
     as_callback,
 )
 from instseg_pipeline.engine.config import OptimizerConfig, TrainingConfig
+from instseg_pipeline.engine.ema import ModelEMA
 from instseg_pipeline.engine.losses import image_ids, loss_values, move_batch, weighted_loss
 from instseg_pipeline.engine.rng import restore_rng, seed_everything
 from instseg_pipeline.predict.device import resolve_device
@@ -79,7 +85,7 @@ class TrainResult:
         total), each raw loss component, lr (used by that step), time (seconds of that step),
         skipped (step skipped for a non-finite loss).
     val_history: one row per validation: epoch, iteration (steps done), loss, components.
-    state_dict: the final model weights, on CPU.
+    state_dict: the final model weights, on CPU (the moving average's with ``ema``).
     """
 
     history: pd.DataFrame
@@ -114,6 +120,7 @@ class TrainState:
     last_checkpoint: Path | None = None
     pending_rng: dict | None = None     # a resumed run's RNG states, restored where it stood
     budget: TimeBudget | None = None    # training.time_budget_min, when set
+    ema: ModelEMA | None = None         # training.ema, when on
 
     def done(self) -> bool:
         """The run has taken its steps or spent its time budget."""
@@ -124,6 +131,12 @@ class TrainState:
     def raw_model(self) -> nn.Module:
         """The model without its DDP wrapper."""
         return distributed.unwrap(self.model)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model validation and selection evaluate: the moving average's copy when
+        ``ema`` is on, else the trained model (unwrapped)."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
     def fire(self, event: str, *args: Any) -> None:
         """Call ``on_<event>(self, *args)`` of every callback, in order."""
@@ -141,7 +154,7 @@ class TrainState:
         return row
 
     def result(self) -> TrainResult:
-        state = {k: v.detach().cpu().clone() for k, v in self.raw_model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
         return TrainResult(history=pd.DataFrame(self.history),
                            val_history=pd.DataFrame(self.val_history), state_dict=state,
                            iterations=self.iteration, skipped_steps=self.skipped,
@@ -189,6 +202,10 @@ def train(model: nn.Module, make_loader: Callable[[int], Iterable], config: Trai
     logger.info("training on %s (amp %s, world size %d) for %d iterations%s", state.device,
                 state.amp, distributed.world_size(), config.max_iters,
                 f" or {config.time_budget_min:g} minutes" if state.budget else "")
+    if state.ema is not None:
+        logger.info("EMA of the weights on: decay %g, ramp over %d iterations; validation, "
+                    "selection and the trained model use the average", state.ema.decay,
+                    state.ema.warmup_iters)
     _start(state)
     state.fire("train_start")
     if state.budget is not None:
@@ -212,8 +229,8 @@ def train_one_epoch(state: TrainState, batches: Iterable, multiscale: Any = None
     """Optimizer steps over `batches` (what is left of this epoch) until it or the run ends.
 
     Each step: batch to the device -> forward -> weighted loss -> non-finite check (all
-    ranks agree) -> backward -> clip -> optimizer step -> lr schedule -> record, then the
-    callbacks' on_step_end.
+    ranks agree) -> backward -> clip -> optimizer step -> EMA update (when on) -> lr
+    schedule -> record, then the callbacks' on_step_end.
     """
     cfg, model, optimizer, scaler = state.config, state.model, state.optimizer, state.scaler
     for images, targets in batches:
@@ -236,6 +253,8 @@ def train_one_epoch(state: TrainState, batches: Iterable, multiscale: Any = None
             _clip_gradients(state)
             scaler.step(optimizer)
             scaler.update()
+            if state.ema is not None:
+                state.ema.update(state.raw_model)
         else:
             _discard_step(state, loss_dict, targets)
         state.scheduler.step()
@@ -266,16 +285,20 @@ def _discard_step(state: TrainState, loss_dict: dict, targets: Sequence[dict]) -
 # ------------------------------------------------------------------------------ set-up
 
 def _setup(model: nn.Module, config: TrainingConfig, model_config: dict) -> TrainState:
-    """Device, AMP, optimizer, lr schedule and gradient scaler around `model`."""
+    """Device, AMP, optimizer, lr schedule, gradient scaler and EMA around `model`."""
     device = resolve_device(config.device, "training.device")
     amp = resolve_amp(config.amp, device)
     model.to(device)
     optimizer = build_optimizer(model, config.optimizer)
     budget = TimeBudget(config.time_budget_min) if config.time_budget_min else None
+    # a copy of the initial weights; a resume loads its checkpoint's average into it
+    ema = (ModelEMA(distributed.unwrap(model), config.ema.decay, config.ema.warmup_iters)
+           if config.ema.decay else None)
     return TrainState(config=config, model=model, optimizer=optimizer,
                       scheduler=build_scheduler(optimizer, config, budget),
                       scaler=torch.amp.GradScaler(device.type, enabled=amp),
-                      device=device, amp=amp, model_config=dict(model_config), budget=budget)
+                      device=device, amp=amp, model_config=dict(model_config), budget=budget,
+                      ema=ema)
 
 
 def _attach(config: TrainingConfig, val_loader: Iterable | None,

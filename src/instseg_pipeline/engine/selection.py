@@ -1,5 +1,6 @@
 """Model selection during training: mask AP on a val subset every K epochs; the best
-weights (not the last) become the trained model."""
+weights (not the last) become the trained model. With ``training.ema`` on, the weights
+evaluated and kept are the moving average's (`TrainState.eval_model`)."""
 from __future__ import annotations
 
 import logging
@@ -8,10 +9,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from instseg_pipeline.data.tables import label_mapping, tables_to_coco, thing_categories
+from instseg_pipeline.data.tables import label_mapping, thing_categories
 from instseg_pipeline.engine import distributed
 from instseg_pipeline.engine.callbacks import Callback
 from instseg_pipeline.evaluation.coco import coco_stats
+from instseg_pipeline.evaluation.ground_truth import coco_ground_truth
 from instseg_pipeline.predict.batch import predict_images
 
 if TYPE_CHECKING:
@@ -35,8 +37,11 @@ class BestModelSelector(Callback):
         self.iou_type, self.batch_size = iou_type, batch_size
         # things only: a panoptic family's stuff is not an instance AP class, and its
         # eval output's "semantic" map is not read here
-        self.gt = tables_to_coco(images, instances[instances["image_id"].isin(
-            images["image_id"])], thing_categories(categories))
+        # pseudo-masks among these val instances are scored, with a WARNING: selection only
+        # ranks the checkpoints of one run; the evaluation nodes refuse them
+        self.gt = coco_ground_truth(images, instances[instances["image_id"].isin(
+            images["image_id"])], thing_categories(categories), allow_pseudo_masks=True,
+            allowed_by="model selection ranks this run's checkpoints against them")
         self.to_category = {label: cat for cat, label in label_mapping(categories).items()}
         self.history: list[dict] = []
         self.best_state: dict | None = None
@@ -56,7 +61,7 @@ class BestModelSelector(Callback):
             self._evaluate(state, None)
 
     def _evaluate(self, state: TrainState, epoch: int | None) -> None:
-        value = self.consider(state.raw_model, state.iteration, epoch)
+        value = self.consider(state.eval_model, state.iteration, epoch)
         state.fire("evaluation", {f"{self.iou_type}_mAP": value})
 
     def consider(self, model: torch.nn.Module, iteration: int, epoch: int | None) -> float:

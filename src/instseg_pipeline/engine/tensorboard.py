@@ -83,7 +83,7 @@ class TensorBoardLogger(Callback):
         if not self.images:
             return
         start = time.perf_counter()
-        model = state.raw_model
+        model = state.eval_model
         was_training = model.training
         model.eval()
         try:

@@ -56,6 +56,8 @@ class EvaluationConfig(Schema):
     backend: Literal["faster-coco-eval", "pycocotools"] = "faster-coco-eval"
     iou_types: tuple[Literal["segm", "bbox"], ...] = ("segm", "bbox")
     match_score_threshold: float = 0.5      # predictions matched to GT for IoU / confusions
+    allow_pseudo_masks: bool = False        # score against pseudo-masks (mask_source not
+                                            # annotated) instead of refusing them, with a WARNING
     cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
     panoptic: PanopticConfig = field(default_factory=PanopticConfig)
     figures: FiguresConfig = field(default_factory=FiguresConfig)

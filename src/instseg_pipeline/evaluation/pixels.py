@@ -12,6 +12,7 @@ import pandas as pd
 
 from instseg_pipeline.data.masks import decode_strings
 from instseg_pipeline.data.tables import select_split
+from instseg_pipeline.evaluation.ground_truth import check_pseudo_masks
 from instseg_pipeline.evaluation.metrics import matched_mask_ious
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def prediction_map(predictions: pd.DataFrame, height: int, width: int,
 
 def pixel_metrics(images: pd.DataFrame, instances: pd.DataFrame, predictions: pd.DataFrame,
                   split: str, score_threshold: float = 0.5,
-                  iou_threshold: float = 0.5) -> dict:
+                  iou_threshold: float = 0.5, allow_pseudo_masks: bool = False) -> dict:
     """Pixel accuracy and mean mask IoU of ``predictions`` on the ``split`` images.
 
     pixel_accuracy: the predictions scoring >= ``score_threshold`` make a semantic map per
@@ -68,9 +69,11 @@ def pixel_metrics(images: pd.DataFrame, instances: pd.DataFrame, predictions: pd
     matched_mean_iou: the mean IoU over the matched pairs only (how good a found mask is).
 
     Returns those three (None when undefined: no pixels, no ground truth, no match) and the
-    counts ``images``, ``gt_instances`` and ``matched``.
+    counts ``images``, ``gt_instances`` and ``matched``. Pseudo-masks are refused as ground
+    truth unless ``allow_pseudo_masks`` (`ground_truth.check_pseudo_masks`).
     """
     images, instances = select_split(images, instances, split)
+    check_pseudo_masks(instances, allow_pseudo_masks, split)
     agree = counted = 0
     for image in images.itertuples(index=False):
         height, width = int(image.height), int(image.width)
@@ -84,7 +87,7 @@ def pixel_metrics(images: pd.DataFrame, instances: pd.DataFrame, predictions: pd
         agree += int((predicted[valid] == truth[valid]).sum())
         counted += int(valid.sum())
     matched = matched_mask_ious(images, instances, predictions, split, score_threshold,
-                                iou_threshold)
+                                iou_threshold, allow_pseudo_masks)
     gt_count = int((~instances["iscrowd"].astype(bool)).sum())
     result = {"pixel_accuracy": agree / counted if counted else None,
               "mean_mask_iou": float(matched["iou"].sum()) / gt_count if gt_count else None,

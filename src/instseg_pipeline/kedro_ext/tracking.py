@@ -19,7 +19,7 @@ import pandas as pd
 logger = logging.getLogger(__name__)
 
 PIPELINE_NAMES = ("__default__", "synthetic", "ingestion", "training", "evaluation", "export",
-                  "model_comparison")
+                  "model_comparison", "weak_supervision")
 _OFF = ("0", "off", "false", "no")
 
 

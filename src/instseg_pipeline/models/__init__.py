@@ -6,7 +6,9 @@ The contract (torchvision's detection contract; `contract.check_eval_output` and
     train mode   network(images, targets) -> {loss name: float scalar tensor}
                  images: list of float [3, H, W] RGB in [0, 1], sizes may differ
                  targets: list of {"boxes": float [K, 4] xyxy, "labels": int64 [K],
-                                   "masks": uint8 [K, H, W]}
+                                   "masks": uint8 [K, H, W]}, optionally
+                                  "mask_weights": float [K] >= 0 (each instance's weight
+                                  in the mask loss, `contract.mask_weights`)
                  the loss names are the family's ``loss_names``
     eval mode    network(images) -> one dict per image:
                  boxes   float [N, 4]        x1, y1, x2, y2 in input pixels

@@ -2,7 +2,16 @@
 
 `ModelFamily` is the registry entry (see `instseg_pipeline.models.registry`); `OnnxSpec`
 says how a family is traced. `check_eval_output` and `check_losses` check a network's
-output against the contract written down in `instseg_pipeline.models`.
+output against the contract written down in `instseg_pipeline.models`; `mask_weights`
+reads (and checks) a train target's optional per-instance mask-loss weights.
+
+Train targets: ``boxes`` float [K, 4], ``labels`` int64 [K], ``masks`` uint8 [K, H, W], and
+optionally ``mask_weights`` float [K] >= 0: each instance's weight in the family's mask loss
+(the training Dataset puts it in when ``training.pseudo_mask_loss_weight`` makes a
+pseudo-mask count less than an annotated one). Every family multiplies each instance's
+mask-loss term by its weight and keeps its normaliser (the count of instances, ROIs, cells
+or pixels as without weights): weight 1 everywhere is the unweighted loss, weight 0 removes
+an instance's term, and a batch of pseudo-masks at 0.5 counts half.
 """
 from __future__ import annotations
 
@@ -22,6 +31,9 @@ EXPORTERS = ("torchscript", "dynamo")
 BOX_SLACK_PX = 0.5
 # a semantic output holds labels 0..S (S stuff categories); 254 keeps them apart from void
 SEMANTIC_MAX = 254
+
+
+MASK_WEIGHTS_KEY = "mask_weights"
 
 
 class ContractError(ValueError):
@@ -199,3 +211,38 @@ def check_losses(losses: Mapping, loss_names: tuple[str, ...] | None = None) -> 
             shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             raise ContractError(f"train output {name!r}: expected a scalar float tensor, got "
                                 f"{shape}")
+
+
+def mask_weights(target: Mapping) -> torch.Tensor | None:
+    """A train target's ``mask_weights`` float [K] (K = its number of instances), or None
+    when it has none or every weight is 1: the family then computes its unweighted loss
+    exactly as before.
+
+    Raises `ContractError` (naming the target's image_id when it has one) for a weight
+    tensor of the wrong shape or dtype, or a negative or non-finite weight.
+    """
+    weights = target.get(MASK_WEIGHTS_KEY)
+    if weights is None:
+        return None
+    where = f" (image_id {target['image_id']})" if "image_id" in target else ""
+    count = len(target["labels"])
+    if not (isinstance(weights, torch.Tensor) and weights.dtype.is_floating_point
+            and tuple(weights.shape) == (count,)):
+        got = (f"{weights.dtype} {list(weights.shape)}" if isinstance(weights, torch.Tensor)
+               else type(weights).__name__)
+        raise ContractError(f"train target {MASK_WEIGHTS_KEY!r}{where}: expected float "
+                            f"[{count}] (one weight per instance), got {got}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ContractError(f"train target {MASK_WEIGHTS_KEY!r}{where}: weights must be "
+                            f"finite and >= 0, got {weights.tolist()}")
+    return None if bool((weights == 1).all()) else weights
+
+
+def batch_mask_weights(targets) -> list[torch.Tensor] | None:
+    """Per target its `mask_weights` (ones where it has none), or None when no target of
+    the batch has weights other than 1."""
+    weights = [mask_weights(t) for t in targets]
+    if all(w is None for w in weights):
+        return None
+    return [torch.ones(len(t["labels"]), device=t["labels"].device) if w is None
+            else w.to(t["labels"].device) for t, w in zip(targets, weights)]

@@ -14,6 +14,11 @@ The builders assemble the same architectures as torchvision's ``maskrcnn_resnet5
     frozen_bn_eps: 0.0                  # default 0.0 for the original COCO_V1 weights
     min_size: 800                       # and any key of DETECTOR_KEYS (MaskRCNN arguments)
 
+Training targets may carry ``mask_weights`` (`contract.mask_weights`): the ROI heads
+(`WeightedMaskRoIHeads`) then weight each positive ROI's mask loss by the weight of the
+ground-truth instance it matched (`weighted_mask_loss`); the box and RPN losses are not
+weighted (a pseudo-mask's box is as good as an annotated one's).
+
 ONNX: the TorchScript exporter, one image per run, under `eager_exact_resize`.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet50
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
@@ -31,11 +37,12 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, _default_anchorgen
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from instseg_pipeline.models.contract import ModelFamily, OnnxSpec
+from instseg_pipeline.models.contract import ModelFamily, OnnxSpec, batch_mask_weights
 from instseg_pipeline.models.weights import torchvision_weights
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness",
@@ -120,11 +127,88 @@ class MaskRCNNVariant:
         """The architecture for ``num_classes`` (background included); no weights loaded."""
         spec = self.backbone_spec(params)
         model = self.construct(num_classes, spec, detector_kwargs(params))
+        weighted_mask_heads(model)
         if spec["frozen_bn_eps"] is not None:
             for module in model.modules():
                 if isinstance(module, FrozenBatchNorm2d):
                     module.eps = float(spec["frozen_bn_eps"])
         return model
+
+
+# --- the mask loss with per-instance weights --------------------------------------------------
+
+def weighted_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor],
+                       gt_masks: list[torch.Tensor], gt_labels: list[torch.Tensor],
+                       matched_idxs: list[torch.Tensor],
+                       weights: list[torch.Tensor]) -> torch.Tensor:
+    """torchvision's Mask R-CNN mask loss with a weight per positive ROI.
+
+    ``mask_logits`` float [R, C, M, M] of the positive ROIs ``proposals`` (per image
+    [R_i, 4]), matched to the ground-truth instances ``matched_idxs`` (per image int64
+    [R_i]) of ``gt_masks`` / ``gt_labels``; ``weights`` per image float [K_i]. Each ROI's
+    binary cross-entropy (its class's M x M mask against the ground truth cropped to the
+    ROI, averaged over the pixels) is multiplied by its instance's weight; the sum is
+    divided by R, as torchvision averages. Weights 1: torchvision's `maskrcnn_loss` (equal
+    up to float rounding). Returns a scalar.
+    """
+    size = mask_logits.shape[-1]
+    labels = torch.cat([gt[i] for gt, i in zip(gt_labels, matched_idxs)])
+    roi_weights = torch.cat([w[i] for w, i in zip(weights, matched_idxs)])
+    targets = torch.cat([project_masks_on_boxes(m, p, i, size)
+                         for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+    if targets.numel() == 0:
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]
+    per_roi = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((1, 2))
+    return (per_roi * roi_weights.to(per_roi.dtype)).sum() / labels.shape[0]
+
+
+class WeightedMaskRoIHeads(RoIHeads):
+    """torchvision's `RoIHeads` whose training mask loss honours the targets'
+    ``mask_weights`` (`weighted_mask_loss`).
+
+    Without weights (or all 1) it is torchvision's forward, unchanged. With weights the
+    forward runs as usual while the sampled ROIs and the mask logits are captured, and
+    ``loss_mask`` is recomputed from them with the weights; every other output is
+    torchvision's. No state of its own: the state dict is RoIHeads'.
+    """
+
+    _capture: dict | None = None
+
+    def select_training_samples(self, proposals, targets):
+        sampled = super().select_training_samples(proposals, targets)
+        if self._capture is not None:
+            self._capture["sampled"] = sampled
+        return sampled
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        weights = (batch_mask_weights(targets)
+                   if self.training and targets is not None and self.has_mask() else None)
+        if weights is None:
+            return super().forward(features, proposals, image_shapes, targets)
+        self._capture = capture = {}
+        hook = self.mask_predictor.register_forward_hook(
+            lambda _module, _inputs, output: capture.__setitem__("logits", output))
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            hook.remove()
+            self._capture = None
+        sampled, matched, labels, _ = capture["sampled"]
+        positive = [torch.where(image_labels > 0)[0] for image_labels in labels]
+        losses["loss_mask"] = weighted_mask_loss(
+            capture["logits"], [p[i] for p, i in zip(sampled, positive)],
+            [t["masks"] for t in targets], [t["labels"] for t in targets],
+            [m[i] for m, i in zip(matched, positive)], weights)
+        return result, losses
+
+
+def weighted_mask_heads(model: nn.Module) -> nn.Module:
+    """``model`` (a torchvision Mask R-CNN) with `WeightedMaskRoIHeads` as its ROI heads
+    (same modules and weights; only the loss code differs)."""
+    if type(model.roi_heads) is RoIHeads:
+        model.roi_heads.__class__ = WeightedMaskRoIHeads
+    return model
 
 
 # --- architectures ---------------------------------------------------------------------------

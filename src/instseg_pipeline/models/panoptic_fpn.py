@@ -6,7 +6,9 @@ the FPN between the detector and the semantic branch (`SemanticFPNHead`) and tra
 jointly: the train-mode loss dict is Mask R-CNN's five losses plus ``loss_semantic``
 (cross-entropy over the labels 0 = things, 1..S = stuff, 255 ignored, weighted by
 ``semantic_loss_weight``, the paper's lambda_s, 0.5 as in detectron2). The eval output adds
-``semantic`` int64 [H, W] at the input size to the contract's instance outputs.
+``semantic`` int64 [H, W] at the input size to the contract's instance outputs. A target's
+``mask_weights`` weight the Mask R-CNN mask loss as in `maskrcnn.WeightedMaskRoIHeads`; the
+semantic loss is not weighted (its thing pixels come from the masks, pseudo or not).
 
 ``training.model`` keys: every Mask R-CNN key (`models.maskrcnn`) plus::
 

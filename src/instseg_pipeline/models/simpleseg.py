@@ -37,6 +37,10 @@ averaged over the hardest ``semantic_top_k`` (20 %) of pixels x ``semantic_weigh
 trains them better: the overfit test uses it). Crowd instances (``iscrowd`` in a target, when present) and the
 batch padding are ignored by the semantic and centre losses and are no instance.
 Panoptic-DeepLab's extra weight on small instances is left out: this is the baseline.
+A target's ``mask_weights`` (`contract.mask_weights`, one per instance) weight the
+per-pixel terms of each instance's pixels in the semantic and offset losses (the pixels its
+mask owns; the normalisers stay the pixel counts, the hard-pixel share is taken of the
+weighted losses); background pixels and the centre loss keep weight 1.
 
 Sizes: ``simpleseg_resnet50_fpn``, ``simpleseg_resnet101_fpn`` (torchvision ResNets from
 scratch, BatchNorm, 256-ch FPN, 128-ch heads, 32-ch refinement, 800/1333 px; 28.5 M and
@@ -64,7 +68,7 @@ from torchvision.models import resnet50, resnet101
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from instseg_pipeline.models.contract import ModelFamily, OnnxSpec
+from instseg_pipeline.models.contract import ModelFamily, OnnxSpec, mask_weights
 from instseg_pipeline.models.maskrcnn import eager_exact_resize
 from instseg_pipeline.models.simpleseg_grouping import (
     IGNORE,
@@ -282,9 +286,17 @@ class SimpleInstanceSeg(nn.Module):
         sem_t = torch.stack([b.semantic for b in built])
         valid = torch.stack([b.valid for b in built]).to(center.dtype)
         instance = torch.stack([b.instance for b in built]).to(center.dtype)
-        ce = _hard_pixel_ce(semantic.float(), sem_t, s["semantic_top_k"])
+        weights = [mask_weights(t) for t in targets]
+        pixel_weights = None
+        if any(w is not None for w in weights):
+            pixel_weights = torch.stack([
+                b.pixel_weights(torch.ones(len(t["labels"])) if w is None else w.float())
+                for b, t, w in zip(built, targets, weights)]).to(instance)
+        ce = _hard_pixel_ce(semantic.float(), sem_t, s["semantic_top_k"], pixel_weights)
         squared = (center[:, 0].float() - torch.stack([b.center for b in built])) ** 2
         l1 = (offset.float() - torch.stack([b.offset for b in built])).abs().sum(1)
+        if pixel_weights is not None:
+            l1 = l1 * pixel_weights
         return {
             "loss_semantic": s["semantic_weight"] * ce,
             "loss_center": s["center_weight"] * (squared * valid).sum()
@@ -314,15 +326,18 @@ class SimpleInstanceSeg(nn.Module):
                 "scores": groups.scores[keep], "masks": masks[keep][:, None]}
 
 
-def _hard_pixel_ce(logits: torch.Tensor, target: torch.Tensor, share: float) -> torch.Tensor:
+def _hard_pixel_ce(logits: torch.Tensor, target: torch.Tensor, share: float,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of ``logits`` [B, C, H, W] against ``target`` int64 [B, H, W]
-    averaged over the ``share`` of scored (not `IGNORE`) pixels with the largest loss.
+    averaged over the ``share`` of scored (not `IGNORE`) pixels with the largest loss;
+    with ``weights`` float [B, H, W] each pixel's loss is weighted before the selection.
 
     Panoptic-DeepLab's hard-pixel mining (share 0.2): background fills most of an image
     and, averaged over every pixel, drowns the class of small objects; share 1.0 is plain
     cross-entropy.
     """
-    pixels = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").flatten()
+    pixels = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+    pixels = (pixels if weights is None else pixels * weights).flatten()
     scored = int((target != IGNORE).sum())
     if scored == 0:
         return pixels.sum() * 0.0  # keeps the graph: every parameter gets a (zero) gradient

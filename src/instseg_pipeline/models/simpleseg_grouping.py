@@ -39,7 +39,8 @@ class Targets:
     (max over instances of a Gaussian around each `instance_centres`); offset float [2, H, W]
     (dy, dx to the pixel's centre, 0 off instances); valid bool [H, W] (inside the image,
     not crowd: the pixels of the semantic and centre losses); instance bool [H, W] (the
-    pixels of the offset loss).
+    pixels of the offset loss); owner int64 [H, W] (the index of the instance owning each
+    pixel, -1 for none).
     """
 
     semantic: torch.Tensor
@@ -47,6 +48,14 @@ class Targets:
     offset: torch.Tensor
     valid: torch.Tensor
     instance: torch.Tensor
+    owner: torch.Tensor
+
+    def pixel_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """float [H, W]: each pixel's weight from its owner's entry of ``weights`` float
+        [K] (one per instance); 1 where no instance owns it."""
+        weights = weights.to(self.owner.device)
+        ones = torch.ones(1, dtype=weights.dtype, device=weights.device)
+        return torch.cat([weights, ones])[self.owner]  # index -1 reads the appended 1
 
 
 def _grids(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +106,7 @@ def build_targets(masks: torch.Tensor, labels: torch.Tensor, crowd: torch.Tensor
                                                            device=device)])
     semantic = torch.where(valid, all_labels[owner], torch.full_like(owner, IGNORE))
     center, offset = _center_and_offset(masks, crowd, owner, instance, (height, width), sigma)
-    return Targets(semantic, center, offset, valid, instance)
+    return Targets(semantic, center, offset, valid, instance, owner)
 
 
 def _interior_point(mask: np.ndarray, centre_of_mass: np.ndarray) -> tuple[int, int]:

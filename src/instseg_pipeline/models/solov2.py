@@ -16,7 +16,8 @@ kernel of a grid cell is a 1x1 convolution over the mask feature. Training: cent
 assignment (`solov2_ops.assign_targets`), focal loss for categories, Dice for masks (weight
 3) against area-averaged masks at 1/4 scale (``mask_loss_stride`` 2 or 1: against masks at
 1/2 or full input resolution, the predictions upsampled; for inputs of ~128 px, where an
-object spans a few mask-feature pixels). Inference: 2x2 peak picking, score threshold, maskness rescoring, Matrix NMS
+object spans a few mask-feature pixels; a target's ``mask_weights`` weight each positive
+cell's Dice term by its instance's weight). Inference: 2x2 peak picking, score threshold, maskness rescoring, Matrix NMS
 (`solov2_ops.matrix_nms`), masks as probabilities at the input size. SOLO has no box head:
 the boxes of the eval output are the tight boxes of the binary masks (probability >= 0.5).
 

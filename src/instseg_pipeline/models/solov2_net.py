@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import sigmoid_focal_loss
 
+from instseg_pipeline.models.contract import mask_weights
 from instseg_pipeline.models.solov2_ops import (
     assign_targets,
     coordinates,
@@ -192,9 +193,15 @@ class SOLOv2(nn.Module):
     # --- training ------------------------------------------------------------------------------
 
     def losses(self, cates, kernels, mask_features, targets, padded_size) -> dict:
-        """``{"loss_cate": focal, "loss_mask": Dice}`` with the paper's weights applied."""
+        """``{"loss_cate": focal, "loss_mask": Dice}`` with the paper's weights applied.
+
+        A target's ``mask_weights`` (`contract.mask_weights`) multiply the Dice term of each
+        positive cell by the weight of the instance owning it; the mean stays over all
+        positive cells. The category loss is not weighted."""
         cfg = self.cfg
         cate_logits, cate_targets, mask_logits, mask_targets = [], [], [], []
+        weights = [mask_weights(t) for t in targets]
+        cell_weights = [] if any(w is not None for w in weights) else None
         for i, target in enumerate(targets):
             masks = padded_masks(target["masks"], padded_size)
             loss_size = [int(side) // cfg.mask_loss_stride for side in padded_size]
@@ -210,14 +217,19 @@ class SOLOv2(nn.Module):
                     logits = chosen @ mask_features[i].flatten(1)           # [P, h*w]
                     mask_logits.append(upsampled(logits, mask_features.shape[-2:],
                                                  loss_size))
-                    mask_targets.append(small[level.owner.flatten()[positive]].flatten(1))
+                    owners = level.owner.flatten()[positive]
+                    mask_targets.append(small[owners].flatten(1))
+                    if cell_weights is not None:
+                        cell_weights.append(_instance_weights(weights[i], target)[owners])
         labels = torch.cat(cate_targets)
         num_pos = int((labels > 0).sum())
         onehot = F.one_hot(labels, cfg.num_classes)[:, 1:].to(mask_features.dtype)
         loss_cate = sigmoid_focal_loss(torch.cat(cate_logits), onehot, cfg.focal_alpha,
                                        cfg.focal_gamma, reduction="sum") / (num_pos + 1)
         if mask_logits:
-            loss_mask = dice_loss(torch.cat(mask_logits), torch.cat(mask_targets)).mean()
+            dice = dice_loss(torch.cat(mask_logits), torch.cat(mask_targets))
+            loss_mask = (dice.mean() if cell_weights is None else
+                         (dice * torch.cat(cell_weights).to(dice)).sum() / dice.shape[0])
         else:  # nothing positive: a zero that still reaches every kernel parameter
             loss_mask = sum(k.sum() for k in kernels) * 0.0
         return {"loss_cate": loss_cate * cfg.cate_loss_weight,
@@ -272,6 +284,13 @@ class SOLOv2(nn.Module):
         cropped = up[:, :, :image_size[0], :image_size[1]]
         return F.interpolate(cropped, size=original_size, mode="bilinear",
                              align_corners=False)[:n].sigmoid()
+
+
+def _instance_weights(weights: torch.Tensor | None, target: dict) -> torch.Tensor:
+    """float [K]: a target's mask weights, ones when it has none (or all are 1)."""
+    if weights is None:
+        return torch.ones(len(target["labels"]), device=target["labels"].device)
+    return weights.to(target["labels"].device)
 
 
 def resized_target(target: dict, size, new_size) -> dict:

@@ -26,7 +26,10 @@ ground-truth box divided by its area (x6.125; the target of a prototype cell is 
 of it the object covers), semantic segmentation BCE on P3 (x1, a 1x1
 conv used in training only), mask-IoU smooth-L1 (x25, the authors' setting; the mask fed to
 the re-scoring net is detached). Box, class, mask and mask-IoU losses are divided by the
-number of positives, the semantic loss by the batch size and the P3 area.
+number of positives, the semantic loss by the batch size and the P3 area. A target's
+``mask_weights`` (`contract.mask_weights`) multiply each trained positive's mask and
+mask-IoU terms by the weight of the instance it matched (the normaliser stays the number of
+positives); the box, class and semantic losses are not weighted.
 
 Differences from the papers (settings in ``training.families.yolact``): the input is resized
 like every family here (shorter side ``min_size``, longer side at most ``max_size``, padded
@@ -49,7 +52,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import clip_boxes_to_image
 
-from instseg_pipeline.models.contract import ModelFamily, OnnxSpec
+from instseg_pipeline.models.contract import ModelFamily, OnnxSpec, mask_weights
 from instseg_pipeline.models.maskrcnn import eager_exact_resize
 from instseg_pipeline.models.yolact_backbones import TinyFPN, resnet_fpn
 from instseg_pipeline.models.yolact_parts import (
@@ -321,7 +324,8 @@ class Yolact(nn.Module):
         trained = positive[torch.randperm(len(positive), device=positive.device)
                            [:int(s["masks_to_train"])]]
         parts.update(self._mask_losses(coefficients[trained], prototypes, masks,
-                                       gt_boxes, gt_labels, matched[trained], padded))
+                                       gt_boxes, gt_labels, matched[trained], padded,
+                                       mask_weights(target)))
         return parts, len(positive)
 
     @staticmethod
@@ -331,9 +335,10 @@ class Yolact(nn.Module):
         return F.pad(masks, (0, padded[1] - masks.shape[-1], 0, padded[0] - masks.shape[-2]))
 
     def _mask_losses(self, coefficients, prototypes, masks, gt_boxes, gt_labels, matched,
-                     padded) -> dict[str, Tensor]:
+                     padded, weights: Tensor | None = None) -> dict[str, Tensor]:
         """Mask BCE and mask-IoU loss sums over the trained positives (coefficients
-        [P, k], ``matched`` their ground-truth indices)."""
+        [P, k], ``matched`` their ground-truth indices); ``weights`` float [K] (optional,
+        per ground-truth instance) multiply each positive's terms."""
         size = prototypes.shape[:2]
         stride = gt_boxes.new_tensor([padded[1] / size[1], padded[0] / size[0]]).repeat(2)
         boxes = gt_boxes[matched] / stride
@@ -344,8 +349,13 @@ class Yolact(nn.Module):
         predicted = crop_masks(torch.sigmoid(logits.detach()), boxes)
         iou_targets = mask_iou(predicted > 0.5, targets > 0.5)
         iou = self.maskiou(predicted[:, None]).gather(1, (gt_labels[matched] - 1)[:, None])
-        return {"loss_mask": mask_loss(logits, targets, boxes),
-                "loss_maskiou": F.smooth_l1_loss(iou[:, 0], iou_targets, reduction="sum")}
+        if weights is None:
+            return {"loss_mask": mask_loss(logits, targets, boxes),
+                    "loss_maskiou": F.smooth_l1_loss(iou[:, 0], iou_targets, reduction="sum")}
+        per_positive = weights.to(logits.device, logits.dtype)[matched]
+        return {"loss_mask": mask_loss(logits, targets, boxes, per_positive),
+                "loss_maskiou": (F.smooth_l1_loss(iou[:, 0], iou_targets, reduction="none")
+                                 * per_positive).sum()}
 
 
 # --- the family ------------------------------------------------------------------------------

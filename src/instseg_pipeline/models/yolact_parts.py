@@ -197,15 +197,18 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def mask_loss(logits: Tensor, targets: Tensor, boxes: Tensor) -> Tensor:
+def mask_loss(logits: Tensor, targets: Tensor, boxes: Tensor,
+              weights: Tensor | None = None) -> Tensor:
     """Sum over masks of the binary cross-entropy inside each ground-truth box, divided by
     the box's area (the paper's normalisation, so small objects count as much as large).
 
-    ``logits``, ``targets`` float [P, h, w]; ``boxes`` [P, 4] in the masks' pixels.
+    ``logits``, ``targets`` float [P, h, w]; ``boxes`` [P, 4] in the masks' pixels;
+    ``weights`` float [P] (optional): each mask's term is multiplied by its weight.
     """
     pixels = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     inside = crop_masks(pixels, boxes).sum(dim=(1, 2))
-    return (inside / box_area(boxes).clamp(min=1.0)).sum()
+    per_mask = inside / box_area(boxes).clamp(min=1.0)
+    return per_mask.sum() if weights is None else (per_mask * weights).sum()
 
 
 def mask_iou(predicted: Tensor, targets: Tensor) -> Tensor:

@@ -31,7 +31,13 @@ from torch.utils.data import (
 from instseg_pipeline.data import images as image_io
 from instseg_pipeline.data.masks import decode_strings
 from instseg_pipeline.data.semantic import decode_semantic, group_segments
-from instseg_pipeline.data.tables import IGNORE_LABEL, label_mapping, select_split, stuff_mapping
+from instseg_pipeline.data.tables import (
+    ANNOTATED,
+    IGNORE_LABEL,
+    label_mapping,
+    select_split,
+    stuff_mapping,
+)
 from instseg_pipeline.predict.preprocess import to_tensor
 from instseg_pipeline.torchdata.augment import seed_augmentation
 
@@ -75,22 +81,28 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def _keep_visible(masks: np.ndarray, labels: np.ndarray):
-    """Drop instances whose mask has no pixel or whose box is thinner than one pixel."""
+def _keep_visible(masks: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None):
+    """Drop instances whose mask has no pixel or whose box is thinner than one pixel.
+
+    Returns (masks, labels, boxes, area, weights or None): ``weights`` (float32 [N], the
+    instances' mask-loss weights, optional) keeps the same instances.
+    """
     boxes = masks_to_boxes(masks)
     area = masks.sum(axis=(1, 2), dtype=np.int64).astype(np.float32)
     keep = (area >= 1) & (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)
-    return masks[keep], labels[keep], boxes[keep], area[keep]
+    return (masks[keep], labels[keep], boxes[keep], area[keep],
+            None if weights is None else weights[keep])
 
 
 def _augment(augmentation, image: np.ndarray, masks: np.ndarray, labels: np.ndarray,
-             semantic: np.ndarray | None = None):
+             semantic: np.ndarray | None = None, weights: np.ndarray | None = None):
     """Apply an albumentations Compose; masks whose box albumentations dropped go too.
 
     ``semantic`` (int64 [H, W], optional) goes through the same geometric transforms as
-    the single ``mask`` target; returns (image, masks, labels, semantic or None). It travels
-    as uint8 label + 1, so the masks' fill value 0 (padding, affine borders) comes back as
-    `IGNORE_LABEL`, never as `THINGS_LABEL`.
+    the single ``mask`` target; returns (image, masks, labels, semantic or None, weights or
+    None). It travels as uint8 label + 1, so the masks' fill value 0 (padding, affine
+    borders) comes back as `IGNORE_LABEL`, never as `THINGS_LABEL`. ``weights`` (float32
+    [N], optional) follows the instances albumentations keeps, as the labels do.
     """
     data = {"image": image}
     if len(masks):  # some 2.x transforms cannot stack an empty list of masks
@@ -105,10 +117,11 @@ def _augment(augmentation, image: np.ndarray, masks: np.ndarray, labels: np.ndar
         -1, *out["image"].shape[:2])
     out_semantic = None if semantic is None else _unshift_semantic(out["mask"])
     if "bboxes" not in augmentation.processors:
-        return out["image"], out_masks, labels, out_semantic
+        return out["image"], out_masks, labels, out_semantic, weights
     # albumentations returns label fields as floats
     kept = np.asarray(out["instance_index"], dtype=np.int64)
-    return out["image"], out_masks[kept], labels[kept], out_semantic
+    return (out["image"], out_masks[kept], labels[kept], out_semantic,
+            None if weights is None else weights[kept])
 
 
 def _shift_semantic(semantic: np.ndarray) -> np.ndarray:
@@ -137,12 +150,18 @@ class InstanceDataset(Dataset):
     (`data.semantic`): 0 on every thing pixel (crowd included), 1..S on the pixels of the
     ``stuff_segments`` rows (``stuff_mapping`` / ``stuff_names`` say which category), 255
     void, augmented with the image. Without it ``stuff_segments`` is not read.
+
+    ``pseudo_mask_weight`` (``training.pseudo_mask_loss_weight``): the mask-loss weight of
+    an instance whose ``mask_source`` is not ``annotated``. When ``instances`` has that
+    column and some instance of the split gets a weight other than 1, every target also
+    holds ``mask_weights`` float32 [N] (1.0 for annotated masks); otherwise the targets are
+    exactly as without it. ``mask_weighted`` says which.
     """
 
     def __init__(self, images: pd.DataFrame, instances: pd.DataFrame,
                  categories: pd.DataFrame, root: str | Path, split: str | None = None,
                  augmentation=None, seed: int = 0, stuff_segments: pd.DataFrame | None = None,
-                 semantic: bool = False):
+                 semantic: bool = False, pseudo_mask_weight: float = 1.0):
         images, instances = select_split(images, instances, split)
         self.images = images.reset_index(drop=True)
         self.root = Path(root)
@@ -154,7 +173,9 @@ class InstanceDataset(Dataset):
                             zip(categories["category_id"], categories["name"])
                             if int(c) in self.mapping}
         crowd = instances["iscrowd"].astype(bool)
-        self._instances = self._group_instances(instances[~crowd])
+        weights = _mask_weights(instances[~crowd], pseudo_mask_weight, split)
+        self.mask_weighted = weights is not None
+        self._instances = self._group_instances(instances[~crowd], weights)
         logger.info("dataset split=%s: %d images, %d instances (%d crowd regions left out)",
                     split, len(self.images), int((~crowd).sum()), int(crowd.sum()))
         self.semantic = bool(semantic)
@@ -180,18 +201,23 @@ class InstanceDataset(Dataset):
                     0 if stuff_segments is None else len(stuff_segments))
         return grouped
 
-    def _group_instances(self, instances: pd.DataFrame) -> dict[int, tuple[list, list]]:
-        """{image_id: (rle strings, contiguous labels)} of the non-crowd instances."""
+    def _group_instances(self, instances: pd.DataFrame, weights: np.ndarray | None = None
+                         ) -> dict[int, tuple[list, list, list]]:
+        """{image_id: (rle strings, contiguous labels, mask-loss weights)} of the non-crowd
+        instances; ``weights`` float32 [len(instances)] or None (all 1)."""
         unknown = ~instances["category_id"].isin(list(self.mapping))
         if unknown.any():
             row = instances[unknown].iloc[0]
             raise ValueError(f"instance {int(row.instance_id)} (image {int(row.image_id)}) has "
                              f"category_id {int(row.category_id)} not in the categories table")
-        grouped: dict[int, tuple[list, list]] = {}
-        for row in instances.itertuples(index=False):
-            rles, labels = grouped.setdefault(int(row.image_id), ([], []))
+        if weights is None:
+            weights = np.ones(len(instances), dtype=np.float32)
+        grouped: dict[int, tuple[list, list, list]] = {}
+        for row, weight in zip(instances.itertuples(index=False), weights):
+            rles, labels, image_weights = grouped.setdefault(int(row.image_id), ([], [], []))
             rles.append(str(row.rle))
             labels.append(self.mapping[int(row.category_id)])
+            image_weights.append(weight)
         return grouped
 
     def __len__(self) -> int:
@@ -202,14 +228,16 @@ class InstanceDataset(Dataset):
         self.epoch = int(epoch)
 
     def _raw(self, index: int):
-        """uint8 [H, W, 3] image, uint8 [N, H, W] masks, int64 [N] labels, image id."""
+        """uint8 [H, W, 3] image, uint8 [N, H, W] masks, int64 [N] labels, image id,
+        float32 [N] mask-loss weights (None unless `mask_weighted`)."""
         row = self.images.iloc[index]
         image_id, width, height = int(row["image_id"]), int(row["width"]), int(row["height"])
         image, _ = image_io.load_image(self.root / str(row["file_name"]),
                                        expected_size=(width, height))
-        rles, labels = self._instances.get(image_id, ([], []))
+        rles, labels, weights = self._instances.get(image_id, ([], [], []))
         masks = decode_strings(rles, height, width)
-        return image, masks, np.asarray(labels, dtype=np.int64), image_id
+        weights = np.asarray(weights, dtype=np.float32) if self.mask_weighted else None
+        return image, masks, np.asarray(labels, dtype=np.int64), image_id, weights
 
     def semantic_target(self, index: int) -> np.ndarray:
         """int64 [H, W] semantic map of sample ``index`` before augmentation."""
@@ -218,19 +246,48 @@ class InstanceDataset(Dataset):
                                int(row["width"]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        image, masks, labels, image_id = self._raw(index)
+        image, masks, labels, image_id, weights = self._raw(index)
         semantic = self.semantic_target(index) if self.semantic else None
-        masks, labels, _, _ = _keep_visible(masks, labels)
+        masks, labels, _, _, weights = _keep_visible(masks, labels, weights)
         if self.augmentation is not None:
             seed_augmentation(self.augmentation, derive_seed(self.seed, self.epoch, index))
-            image, masks, labels, semantic = _augment(self.augmentation, image, masks, labels,
-                                                      semantic)
-        masks, labels, boxes, area = _keep_visible(masks, labels)
+            image, masks, labels, semantic, weights = _augment(
+                self.augmentation, image, masks, labels, semantic, weights)
+        masks, labels, boxes, area, weights = _keep_visible(masks, labels, weights)
         image, target = _to_tensors(image, masks, labels, boxes, area, image_id)
         if semantic is not None:
             target["semantic"] = torch.from_numpy(np.ascontiguousarray(semantic,
                                                                        dtype=np.int64))
+        if weights is not None:
+            target["mask_weights"] = torch.from_numpy(np.ascontiguousarray(weights,
+                                                                           dtype=np.float32))
         return image, target
+
+
+def _mask_weights(instances: pd.DataFrame, pseudo_mask_weight: float,
+                  split: str | None) -> np.ndarray | None:
+    """float32 [len(instances)]: 1.0 for annotated masks, ``pseudo_mask_weight`` for the
+    others (``mask_source`` grabcut, box, sam); None when ``instances`` has no
+    ``mask_source`` column or every weight would be 1. Logs the sources counted."""
+    if "mask_source" not in instances.columns:
+        if pseudo_mask_weight != 1.0:
+            logger.info("pseudo_mask_loss_weight %g has no effect: the instances table has no "
+                        "mask_source column (every mask counts as annotated)",
+                        pseudo_mask_weight)
+        return None
+    sources = instances["mask_source"].astype(str)
+    pseudo = (sources != ANNOTATED).to_numpy()
+    if pseudo.any():
+        counts = ", ".join(f"{name} {count}" for name, count in
+                           sources.value_counts().sort_index().items())
+        logger.info("dataset split=%s mask sources: %s; pseudo-masks weigh %g in the mask "
+                    "loss", split, counts, pseudo_mask_weight)
+    if pseudo_mask_weight == 1.0 or not pseudo.any():
+        return None
+    if pseudo.all() and pseudo_mask_weight == 0.0:
+        logger.warning("dataset split=%s: every mask is a pseudo-mask and "
+                       "pseudo_mask_loss_weight is 0: the mask loss is 0 throughout", split)
+    return np.where(pseudo, np.float32(pseudo_mask_weight), np.float32(1.0))
 
 
 def _to_tensors(image, masks, labels, boxes, area, image_id) -> tuple[torch.Tensor, dict]:

@@ -4,9 +4,18 @@ Kept as in the file: image ids, annotation ids, (possibly non-contiguous) catego
 images without annotations, crowd regions (flagged ``iscrowd``). Polygons (multi-part too),
 uncompressed and compressed RLE all become one compressed RLE of the full image size.
 
+Box-only annotations (a ``bbox`` and no, null or empty ``segmentation``: detection data)
+are read when ``source.pseudo_masks.method`` is set: after the image check, the kept images'
+boxes get pseudo-masks (`data.pseudo_masks`, in worker processes, with a progress bar),
+``mask_source`` says which (the method, or ``box`` after a fallback; ``annotated`` for drawn
+masks); a box partly outside the image is clipped to it, and a crowd box-only region is its
+filled box. Their counts land in the quality report's notes (``pseudo_masks_<source>``,
+``pseudo_mask_fallback_<reason>``).
+
 Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
 - always fail: unreadable json, duplicate image / annotation / category ids, an annotation
-  whose image_id or category_id is not declared — the file itself is inconsistent;
+  whose image_id or category_id is not declared — the file itself is inconsistent; a
+  box-only annotation while ``source.pseudo_masks`` is not set (named with the fix);
 - skip or fail: an image record that is not an object or has no integer id
   (``bad_image_record``, named by its position ``images[i]``), or whose declared size is
   not positive or exceeds ``max_image_pixels`` (``too_many_pixels``, before any of its
@@ -14,7 +23,9 @@ Failing vs skipping (``on_invalid: skip`` counts and logs, ``fail`` raises):
   truncated, too many pixels, size different from the json) with all its annotations; an
   annotation record that is not an object or has a non-integer id / image_id / category_id
   (``bad_annotation_record``); and an unusable annotation (bad or far-out polygon, RLE or
-  bbox, absurd vertex or run counts, empty mask: reason codes and limits in `data.masks`).
+  bbox, absurd vertex or run counts, empty mask: reason codes and limits in `data.masks`);
+  a box-only annotation whose box has no area (``zero_area_box``) or nothing inside the
+  image (``box_outside_image``).
 - a category that is not an object or has no integer id fails the file.
 
 Memory. Every geometry is checked against limits derived from its image's declared size
@@ -35,7 +46,11 @@ image record that passes that cap, and O the total length of the kept masks' RLE
 - 32 MiB: fixed buffers (one block of a compressed string being decoded, pandas).
 
 Image-check worker processes (``workers``) each hold one decoded image besides their copy
-of the parent. tests/data/test_coco_memory.py measures VmHWM against this bound.
+of the parent. Pseudo-mask workers (``pseudo_masks.workers``, after the image check) hold
+one decoded image, one full-size mask and GrabCut's working copy of one box's crop (at
+most the image), well within the 256*(H+2)*(W+2) term; a pseudo-mask's RLE counts in O
+like any kept mask. The ``sam`` method adds its model, outside this bound.
+tests/data/test_coco_memory.py measures VmHWM against this bound.
 """
 from __future__ import annotations
 
@@ -48,18 +63,26 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import orjson
 from pycocotools import mask as mask_utils
 
 from instseg_pipeline.data import masks
+from instseg_pipeline.data.pseudo_masks import box_pixels, generate
 from instseg_pipeline.data.quality import IngestionError, QualityReport
 from instseg_pipeline.data.sources import SourceTables
 from instseg_pipeline.data.sources.checks import inspect_images, record_check
-from instseg_pipeline.data.tables import instances_from_columns, make_categories, make_images
+from instseg_pipeline.data.tables import (
+    ANNOTATED,
+    instances_from_columns,
+    make_categories,
+    make_images,
+)
 from instseg_pipeline.progress import progress
 
 if TYPE_CHECKING:
     from instseg_pipeline.data.config import SourceConfig
+    from instseg_pipeline.data.pseudo_masks import PseudoMaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -238,15 +261,96 @@ def _annotation_problem(ann: dict, height: int, width: int) -> tuple[str, str] |
         masks.segmentation_problem(segmentation, height, width)
 
 
-INSTANCE_FIELDS = ("instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle")
+INSTANCE_FIELDS = ("instance_id", "image_id", "category_id", "bbox", "area", "iscrowd", "rle",
+                   "mask_source")
 
 
-def convert_annotations(anns: list[dict], record: dict) -> tuple[dict, list[tuple]]:
-    """``instances`` columns (``{column: list}``) of one image's annotations, and
-    ``(reason, message)`` problems."""
+def is_box_only(ann: dict) -> bool:
+    """A detection annotation: a ``bbox`` and no, null or empty ``segmentation``."""
+    segmentation = ann.get("segmentation")
+    return (segmentation is None or segmentation == []) and ann.get("bbox") is not None
+
+
+def _require_pseudo_masks(annotations: list[dict], path: Path) -> None:
+    """Box-only annotations need ``source.pseudo_masks.method``: fail naming the first."""
+    box_only = [ann for ann in annotations if is_box_only(ann)]
+    if box_only:
+        first = box_only[0]
+        raise IngestionError(
+            f"{path}: annotation {first['id']} (image {first['image_id']}) has a bbox but no "
+            f"segmentation ({len(box_only)} such box-only annotations in the file); to make "
+            f"their masks from the boxes set source.pseudo_masks.method: box | grabcut | sam")
+
+
+def _box_only_problem(bbox, height: int, width: int) -> tuple[str, str] | None:
+    """``(reason, message)`` for the box of a box-only annotation that cannot make a mask."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return "bad_bbox", f"bbox {bbox!r} is not [x, y, w, h]"
+    if not all(_finite_number(v) for v in bbox):
+        return "bad_bbox", f"bbox {list(bbox)} has a non-finite value"
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        return "zero_area_box", f"bbox {list(bbox)} of a box-only annotation has no area"
+    problem = _bbox_problem(bbox, height, width)
+    if problem:
+        return problem
+    if box_pixels(bbox, height, width) is None:
+        return ("box_outside_image",
+                (f"bbox {list(bbox)} of a box-only annotation lies outside the "
+                 f"{width}x{height} image"))
+    return None
+
+
+def _clipped_box(bbox, height: int, width: int) -> list[float]:
+    x, y, w, h = (float(v) for v in bbox)
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    return [x0, y0, min(x + w, float(width)) - x0, min(y + h, float(height)) - y0]
+
+
+def _filled_box_rle(bbox: list[float], height: int, width: int) -> tuple[str, int]:
+    x0, y0, x1, y1 = box_pixels(bbox, height, width)
+    bitmap = np.zeros((height, width), dtype=np.uint8)
+    bitmap[y0:y1, x0:x1] = 1
+    return masks.rle_to_string(masks.bitmap_to_rle(bitmap)), (y1 - y0) * (x1 - x0)
+
+
+def _box_only_columns(anns: list[dict], record: dict, method: str,
+                      problems: list[tuple]) -> dict:
+    """Columns of box-only annotations: boxes clipped to the image, ``rle`` None until
+    `_add_pseudo_masks` (a crowd region: its filled box now)."""
     height, width = record["height"], record["width"]
-    usable, problems = [], []
+    columns: dict[str, list] = {name: [] for name in INSTANCE_FIELDS}
     for ann in anns:
+        problem = _box_only_problem(ann["bbox"], height, width)
+        if problem:
+            problems.append((problem[0], (f"annotation {ann['id']} (image {ann['image_id']}, "
+                                         f"{record['file_name']}): {problem[1]}")))
+            continue
+        box = _clipped_box(ann["bbox"], height, width)
+        crowd = bool(ann.get("iscrowd", 0))
+        rle, area = _filled_box_rle(box, height, width) if crowd else (None, 0)
+        for name, value in (("instance_id", ann["id"]), ("category_id", ann["category_id"]),
+                            ("bbox", box), ("area", area), ("iscrowd", crowd), ("rle", rle),
+                            ("mask_source", "box" if crowd else method)):
+            columns[name].append(value)
+    return columns
+
+
+def convert_annotations(anns: list[dict], record: dict,
+                        pseudo_masks: PseudoMaskConfig | None = None
+                        ) -> tuple[dict, list[tuple]]:
+    """``instances`` columns (``{column: list}``) of one image's annotations, and
+    ``(reason, message)`` problems.
+
+    With ``pseudo_masks``, box-only annotations (`is_box_only`) come last, their ``rle``
+    None until `_add_pseudo_masks` (``mask_source``: the method); without it they are
+    checked as any segmentation.
+    """
+    height, width = record["height"], record["width"]
+    usable, problems, box_only = [], [], []
+    for ann in anns:
+        if pseudo_masks is not None and is_box_only(ann):
+            box_only.append(ann)
+            continue
         problem = _annotation_problem(ann, height, width)
         if problem:
             problems.append((problem[0], (f"annotation {ann['id']} (image {ann['image_id']}, "
@@ -268,9 +372,38 @@ def convert_annotations(anns: list[dict], record: dict) -> tuple[dict, list[tupl
         columns["area"].append(area)
         columns["iscrowd"].append(bool(ann.get("iscrowd", 0)))
         columns["rle"].append(rle["counts"])
-    columns["image_id"] = [record["id"]] * len(columns["instance_id"])
     columns["rle"] = [c.decode("ascii") if type(c) is bytes else c for c in columns["rle"]]
+    columns["mask_source"] = [ANNOTATED] * len(columns["instance_id"])
+    if box_only:
+        for name, values in _box_only_columns(box_only, record, pseudo_masks.method,
+                                              problems).items():
+            columns[name].extend(values)
+    columns["image_id"] = [record["id"]] * len(columns["instance_id"])
     return columns, problems
+
+
+def _add_pseudo_masks(columns: dict, kept: list[dict], config: PseudoMaskConfig,
+                      report: QualityReport) -> None:
+    """Fill the ``rle`` / ``area`` / ``mask_source`` of the box-only rows (``rle`` None)
+    with pseudo-masks of the kept images, counting them in ``report``'s notes."""
+    pending = [i for i, rle in enumerate(columns["rle"]) if rle is None]
+    if not pending:
+        return
+    rows: dict[int, list[int]] = defaultdict(list)
+    for i in pending:
+        rows[columns["image_id"][i]].append(i)
+    records = {record["id"]: record for record in kept}
+    jobs = [(records[image_id]["path"], [columns["bbox"][i] for i in indices],
+             (records[image_id]["width"], records[image_id]["height"]))
+            for image_id, indices in rows.items()]
+    results, counts = generate(jobs, config)
+    for indices, result in zip(rows.values(), results):
+        for i, rle, area, source in zip(indices, result.rles, result.areas, result.sources):
+            columns["rle"][i], columns["area"][i], columns["mask_source"][i] = rle, area, source
+    for source, count in counts["sources"].items():
+        report.note(f"pseudo_masks_{source}", count)
+    for reason, count in counts["fallbacks"].items():
+        report.note(f"pseudo_mask_fallback_{reason}", count)
 
 
 def _valid_records(data: dict, root: Path, image_dir: str, report: QualityReport,
@@ -356,6 +489,8 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
                           (data.get("categories", []), "category")):
         _require_unique(records, what, path)
     _check_references(data, path)
+    if params.pseudo_masks is None:
+        _require_pseudo_masks(data.get("annotations", []), path)
     records = _valid_records(data, root, params.images, report, params.max_image_pixels)
     image_checks = inspect_images([(r["path"], (r["width"], r["height"])) for r in records],
                                   params)
@@ -371,7 +506,7 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
         anns = by_image.pop(record["id"], None)
         if anns:
             ann_ids[record["id"]] = [ann["id"] for ann in anns]
-            converted[record["id"]] = convert_annotations(anns, record)
+            converted[record["id"]] = convert_annotations(anns, record, params.pseudo_masks)
     for image_id, anns in by_image.items():  # left: those of unusable image records
         for ann in anns:
             report.drop("annotations", "image_dropped",
@@ -381,6 +516,8 @@ def _read(params: SourceConfig, report: QualityReport) -> SourceTables:
                       leave=False, logger=logger)
     kept, columns = _assemble(records, checks, converted, ann_ids, report)
     del converted
+    if params.pseudo_masks is not None:
+        _add_pseudo_masks(columns, kept, params.pseudo_masks, report)
     split = params.split
     images = make_images({"image_id": r["id"], "file_name": r["relative"],
                           "width": r["width"], "height": r["height"], "split": split,

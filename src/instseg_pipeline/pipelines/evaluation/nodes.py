@@ -40,9 +40,11 @@ def compute_coco_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     (`evaluation.pixels.pixel_metrics` says what each means)."""
     config = EvaluationConfig.from_params(params)
     result = evaluation.coco_metrics(images, instances, categories, predictions,
-                                     config.split, config.iou_types, config.backend)
+                                     config.split, config.iou_types, config.backend,
+                                     allow_pseudo_masks=config.allow_pseudo_masks)
     result["metrics"]["pixel"] = pixel_metrics(images, instances, predictions, config.split,
-                                               score_threshold=config.match_score_threshold)
+                                               score_threshold=config.match_score_threshold,
+                                               allow_pseudo_masks=config.allow_pseudo_masks)
     tracking.log_metrics({f"{t}/{k}": v for t, stats in result["metrics"].items()
                           for k, v in stats.items() if isinstance(v, float)})
     return result["metrics"], result["arrays"]
@@ -99,7 +101,8 @@ def compute_pq_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     predicts stuff (an instance model's stuff group has n = 0)."""
     config = EvaluationConfig.from_params(params)
     result = evaluation.panoptic_metrics(images, instances, stuff_segments, categories,
-                                         panoptic_predictions, config.split)
+                                         panoptic_predictions, config.split,
+                                         allow_pseudo_masks=config.allow_pseudo_masks)
     # an instance model scores no stuff: a 0 logged for it would read as a score
     groups = [g for g in ("all", "things", "stuff") if g != "stuff" or result[g]["n"]]
     tracking.log_metrics({f"{name}/{group}": result[group][name] for group in groups
@@ -115,7 +118,8 @@ def write_panoptic_ground_truth(images: pd.DataFrame, instances: pd.DataFrame,
     reproduces ``pq_metrics``."""
     config = EvaluationConfig.from_params(params)
     return evaluation.panoptic_ground_truth(images, instances, stuff_segments, categories,
-                                            panoptic_predictions, config.split)
+                                            panoptic_predictions, config.split,
+                                            allow_pseudo_masks=config.allow_pseudo_masks)
 
 
 def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
@@ -126,7 +130,8 @@ def compute_cityscapes_metrics(images: pd.DataFrame, instances: pd.DataFrame,
     gtfine_root = source_config.root if source_config.type == "cityscapes" else None
     result = evaluation.cityscapes_metrics(
         images, instances, categories, predictions, config.split, gtfine_root=gtfine_root,
-        min_region_size=config.cityscapes.min_region_size)
+        min_region_size=config.cityscapes.min_region_size,
+        allow_pseudo_masks=config.allow_pseudo_masks)
     tracking.log_metrics({f"cityscapes/{k}": result[k] for k in ("AP", "AP50")
                           if result[k] is not None})
     return result
@@ -137,7 +142,8 @@ def compute_mask_ious(images: pd.DataFrame, instances: pd.DataFrame,
     """Matched (prediction, GT) pairs with their mask IoU: mask quality and confusions."""
     config = EvaluationConfig.from_params(params)
     return evaluation.matched_mask_ious(images, instances, predictions, config.split,
-                                        score_threshold=config.match_score_threshold)
+                                        score_threshold=config.match_score_threshold,
+                                        allow_pseudo_masks=config.allow_pseudo_masks)
 
 
 def _val_ids(images: pd.DataFrame, config: EvaluationConfig) -> list[int]:
