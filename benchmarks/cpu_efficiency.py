@@ -23,7 +23,9 @@ Configurations:
   ``--variant adamw old optimizer.name=adamw optimizer.lr=0.002 scheduler.name=cosine``.
 
     python benchmarks/cpu_efficiency.py [--budgets 3.75 7.5 15] [--seeds 0 1]
-        [--configs old new] [--threads 2] [--variant ...] [--json out.json]
+        [--seeds-at 15=0] [--old-seeds 0] [--configs old new] [--threads 2]
+        [--variant ...] [--coco ../shared/data/coco128] [--loss-plot loss.png]
+        [--json out.json]
 
 Target (the new default, mean of two seeds): mask AP >= 0.72 after 7.5 min and >= 0.60
 after 3.75 min; ONNX latency <= 35 ms per image; images/s of each printed as a ratio to old.
@@ -46,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 TRAINING_YML = REPO / "conf/base/parameters_training.yml"
 
 # the default training configuration before this benchmark's work: maskrcnn_tiny at 192-256
-# px, batch 4, SGD 0.02 with two steps of 0.1 at 75 % and 92 % of the run, 50 warmup steps
+# px, batch 4, SGD 0.02 with two steps of 0.1 at 75 % and 92 % of the run, 50 warmup steps,
+# 300 proposals per image into an ROI sample of 128, no weight average
 OLD = {
     "model": {"name": "maskrcnn_tiny", "weights": None, "min_size": 192, "max_size": 256},
     "batch_size": 4,
@@ -54,6 +57,8 @@ OLD = {
     "scheduler": {"name": "multistep", "milestones": [450, 550], "gamma": 0.1},
     "max_iters": 600, "warmup_iters": 50, "warmup_factor": 0.01, "clip_grad_norm": 10.0,
     "augmentation": {"preset": "light"},
+    "families": {"maskrcnn": {"rpn_post_nms_top_n_train": 300, "box_batch_size_per_image": 128}},
+    "ema": {"decay": None},
 }
 # the same for every configuration: no evaluation inside the budget, nothing written that
 # the benchmark does not read
@@ -114,12 +119,19 @@ def budgeted(training: dict, minutes: float) -> dict:
 
 
 # --------------------------------------------------------------------------- one run
-def _tables(root: str):
+def _tables(root: str, coco: str | None = None):
+    """The split tables: the default synthetic data generated under ``root``, or the COCO
+    instances json + images of ``coco`` (``annotations/instances_train2017.json`` and
+    ``train2017/``, the layout of ../shared/data/coco128) read in place."""
     from instseg_pipeline.pipelines.ingestion.nodes import ingest_source, split_images
     from instseg_pipeline.pipelines.synthetic.nodes import generate_synthetic_data
 
-    source = {"type": "synthetic", "root": root}
-    generate_synthetic_data(source)
+    if coco:
+        source = {"type": "coco", "root": coco, "images": "train2017",
+                  "annotations": "annotations/instances_train2017.json"}
+    else:
+        source = {"type": "synthetic", "root": root}
+        generate_synthetic_data(source)
     images, instances, categories, stuff, _ = ingest_source(source)
     ingestion = yaml.safe_load((REPO / "conf/base/parameters_ingestion.yml").read_text())
     return split_images(images, ingestion["ingestion"]), instances, categories, stuff
@@ -150,17 +162,18 @@ def one_run(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     training = merged(merged(job["training"], RUN), {"seed": job["seed"],
                                                      "threads": job["threads"]})
-    tables = _tables(job["root"])
+    tables = _tables(job["root"], job.get("coco"))
+    root = job.get("coco") or job["root"]
     with tempfile.TemporaryDirectory() as checkpoints:
-        result, wall = _fit(tables, job["root"], training, job["budget_min"], checkpoints)
+        result, wall = _fit(tables, root, training, job["budget_min"], checkpoints)
     saved, iters = result["model"], int(result["model"]["iterations"])
     steps = float(result["history"]["time"].sum())
     network = load_model(saved["config"], saved["state_dict"]).eval()
     images, instances, categories, _ = tables
     evaluation = EvaluationConfig.from_params(
         yaml.safe_load((REPO / "conf/base/parameters_evaluation.yml").read_text())["evaluation"])
-    scores = evaluate(network, images, instances, categories, job["root"], evaluation)
-    arrays = load_arrays(speed_rows(images, "val", 8), job["root"])
+    scores = evaluate(network, images, instances, categories, root, evaluation)
+    arrays = load_arrays(speed_rows(images, "val", 8), root)
     speed = measure_speed(network, arrays, job["threads"], warmup=2, repeats=2, onnx=True)
     batch = int(training.get("batch_size", 4))
     return {"config": job["name"], "budget_min": job["budget_min"], "seed": job["seed"],
@@ -169,7 +182,32 @@ def one_run(job: dict) -> dict:
             "AP50": scores["mAP_50"], "AP75": scores["mAP_75"], "box_AP": scores["box_mAP"],
             "eager_ms": 1000 / speed["fps"] if speed["fps"] else float("nan"),
             "onnx_ms": 1000 / speed["fps_onnx"] if speed["fps_onnx"] == speed["fps_onnx"]
-            and speed["fps_onnx"] else float("nan")}
+            and speed["fps_onnx"] else float("nan"),
+            "curve": {"minutes": (result["history"]["time"].cumsum() / 60).round(4).tolist(),
+                      "loss": result["history"]["loss"].round(5).tolist()}}
+
+
+def loss_plot(rows: list[dict], path: str) -> None:
+    """Training loss against training minutes, one line per (config, seed) of the longest
+    budget (a running mean over 25 steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    longest = max(r["budget_min"] for r in rows)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        if row["budget_min"] == longest:
+            loss = pd.Series(row["curve"]["loss"]).rolling(25, min_periods=1).mean()
+            axes.plot(row["curve"]["minutes"], loss,
+                      label=f"{row['config']} seed {row['seed']} (mask AP {row['mask_AP']:.3f})")
+    axes.set(xlabel="training minutes", ylabel="training loss (mean of 25 steps)",
+             title=f"Training loss at equal time ({longest:g} min budget)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 # --------------------------------------------------------------------------- table
@@ -204,27 +242,42 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[3.75, 7.5, 15.0],
                         help="training minutes (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds-at", nargs="+", default=[], metavar="BUDGET=S[,S]",
+                        help="other seeds at one budget, e.g. 15=0 (one seed for the "
+                             "longest budget)")
+    parser.add_argument("--old-seeds", type=int, nargs="+",
+                        help="seeds of the old default (default: --seeds / --seeds-at)")
     parser.add_argument("--configs", nargs="*", default=["old", "new"],
                         help="old and/or new (default: both)")
     parser.add_argument("--variant", nargs="+", action="append", default=[],
                         metavar="NAME BASE key=value",
                         help="an ablation: BASE (old | new) with dotted training keys")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--coco", metavar="ROOT",
+                        help="train and evaluate on this COCO folder (annotations/"
+                             "instances_train2017.json + train2017/, split as ingestion "
+                             "does) instead of the synthetic data, e.g. ../shared/data/coco128")
+    parser.add_argument("--loss-plot", metavar="PNG",
+                        help="also draw the training loss against time (longest budget)")
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_run(json.loads(args.one))))
         return
+    coco = str(Path(args.coco).resolve()) if args.coco else None
     configs = configurations(args.configs, args.variant)
+    seeds_at = {float(b): [int(s) for s in text.split(",")]
+                for b, _, text in (item.partition("=") for item in args.seeds_at)}
     rows = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "INSTSEG_MLFLOW": "off"}
     with tempfile.TemporaryDirectory() as data:
         for budget in args.budgets:
             for name, training in configs.items():
-                for seed in args.seeds:
+                seeds = seeds_at.get(budget, args.seeds)
+                for seed in (args.old_seeds if name == "old" and args.old_seeds else seeds):
                     job = {"name": name, "training": training, "budget_min": budget,
-                           "seed": seed, "threads": args.threads, "root": data}
+                           "seed": seed, "threads": args.threads, "root": data, "coco": coco}
                     done = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)],
                                           capture_output=True, text=True, env=env, check=False)
                     if done.returncode:
@@ -235,6 +288,8 @@ def main() -> None:
                           f"{row['train_wall_min']:.2f} min, mask AP {row['mask_AP']:.3f}",
                           file=sys.stderr, flush=True)
     print(table(rows))
+    if args.loss_plot:
+        loss_plot(rows, args.loss_plot)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -25,8 +25,8 @@ MASK_RCNN_LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_object
 class OptimizerConfig:
     """SGD (with momentum) or AdamW (momentum unused) over the trainable parameters."""
 
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.02
+    name: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 0.0001
 
@@ -39,8 +39,8 @@ class SchedulerConfig:
     max_iters; constant: 1.
     """
 
-    name: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: tuple[int, ...] = (450, 550)
+    name: Literal["multistep", "cosine", "constant"] = "cosine"
+    milestones: tuple[int, ...] = (600, 730)
     gamma: float = 0.1
 
 
@@ -140,7 +140,7 @@ class TrainingConfig(Schema):
     # per family block (maskrcnn, yolact, ...): its settings, under training.model's overrides
     families: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # the loop
-    max_iters: int = 600                    # optimizer steps in all
+    max_iters: int = 800                    # optimizer steps in all
     time_budget_min: float | None = None    # also stop after this many minutes of steps;
                                             # the schedule follows the elapsed share
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
