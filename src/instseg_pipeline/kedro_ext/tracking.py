@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pandas as pd
 
@@ -71,6 +71,24 @@ def project_tracking_uri() -> str:
 def _active_run():
     mlflow = sys.modules.get("mlflow")  # never import it just to find out there's no run
     return mlflow.active_run() if mlflow is not None else None
+
+
+def active_mlflow():
+    """The mlflow module when a run is active (kedro-mlflow tracks this pipeline), else None."""
+    return sys.modules.get("mlflow") if _active_run() is not None else None
+
+
+@contextlib.contextmanager
+def nested_run(name: str, params: Mapping):
+    """A nested MLflow run named ``name`` holding ``params`` (flat; values cut to 500
+    characters) while the block runs; yields the run, or None when tracking is off."""
+    mlflow = active_mlflow()
+    if mlflow is None:
+        yield None
+        return
+    with mlflow.start_run(run_name=name, nested=True) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        yield run
 
 
 def active_run_id() -> str | None:

@@ -5,9 +5,7 @@ imported inside `comparison`'s functions."""
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping
-from contextlib import contextmanager
 
 import pandas as pd
 
@@ -24,12 +22,6 @@ logger = logging.getLogger(__name__)
 METRICS = ("mAP", "mAP_50", "mAP_75", "box_mAP", "fps", "fps_onnx", "params", "train_seconds")
 
 
-def _mlflow():
-    """MLflow when a run is active (kedro-mlflow tracks this pipeline), else None."""
-    mlflow = sys.modules.get("mlflow")  # never import it just to find out there's no run
-    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
-
-
 def _flat(params: Mapping, prefix: str = "") -> dict:
     out = {}
     for key, value in params.items():
@@ -40,17 +32,9 @@ def _flat(params: Mapping, prefix: str = "") -> dict:
     return out
 
 
-@contextmanager
 def model_run(name: str, params: Mapping):
-    """A nested MLflow run named ``name`` holding ``params`` while the block runs; nothing
-    when tracking is off."""
-    mlflow = _mlflow()
-    if mlflow is None:
-        yield None
-        return
-    with mlflow.start_run(run_name=name, nested=True) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
-        yield run
+    """`tracking.nested_run` of one model: ``params`` flattened to dotted keys."""
+    return tracking.nested_run(name, _flat(params))
 
 
 def _run_params(training: dict) -> dict:
@@ -90,7 +74,7 @@ def compare_models(images: pd.DataFrame, instances: pd.DataFrame, categories: pd
                 _track_model(row, result)
         rows.append(row)
     table = compare.comparison_table(rows)
-    mlflow = _mlflow()
+    mlflow = tracking.active_mlflow()
     if mlflow is not None:
         mlflow.log_text(table.to_csv(index=False), "model_comparison.csv")
     return table
@@ -101,7 +85,7 @@ def _track_model(row: dict, result: dict) -> None:
     tracking.log_history(result["history"], prefix="train")
     tracking.log_history(result["val_history"], prefix="val")
     tracking.log_metrics({k: row[k] for k in METRICS})
-    _mlflow().set_tags({"backbone": row["backbone"],
+    tracking.active_mlflow().set_tags({"backbone": row["backbone"],
                         "onnx_note": (row["onnx_note"] or "ok")[:1000]})
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from collections.abc import Mapping
-from contextlib import contextmanager
 
 import pandas as pd
 
@@ -21,25 +18,6 @@ from instseg_pipeline.evaluation.config import EvaluationConfig
 from instseg_pipeline.kedro_ext import tracking
 
 logger = logging.getLogger(__name__)
-
-
-def _mlflow():
-    """MLflow when a run is active (kedro-mlflow tracks this pipeline), else None."""
-    mlflow = sys.modules.get("mlflow")  # never import it just to find out there's no run
-    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
-
-
-@contextmanager
-def _variant_run(name: str, params: Mapping):
-    """A nested MLflow run named ``name`` holding ``params`` while the block runs; nothing
-    when tracking is off."""
-    mlflow = _mlflow()
-    if mlflow is None:
-        yield None
-        return
-    with mlflow.start_run(run_name=name, nested=True) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        yield run
 
 
 def measure_pseudo_mask_quality(images: pd.DataFrame, instances: pd.DataFrame,
@@ -95,7 +73,7 @@ def compare_weak_supervision(images: pd.DataFrame, instances: pd.DataFrame,
     for index, (variant, train_instances) in enumerate(tables.items(), start=1):
         logger.info("weak supervision comparison %d/%d: %s", index, len(tables), variant)
         params = budgets[variant]
-        with _variant_run(variant, _recorded(variant, params, config)) as run:
+        with tracking.nested_run(variant, _recorded(variant, params, config)) as run:
             row, result = weak.train_and_evaluate(
                 variant, images, train_instances, instances, categories, root, params,
                 evaluation_config, stuff_segments=stuff_segments)
@@ -106,7 +84,7 @@ def compare_weak_supervision(images: pd.DataFrame, instances: pd.DataFrame,
     table = weak.comparison_rows(rows)
     markdown = weak.comparison_table(table)
     logger.info("weak supervision comparison (val split, annotated masks):\n%s", markdown)
-    mlflow = _mlflow()
+    mlflow = tracking.active_mlflow()
     if mlflow is not None:
         mlflow.log_text(markdown, "weak_supervision_comparison.md")
         mlflow.log_text(json.dumps(table, indent=1), "weak_supervision_comparison.json")
