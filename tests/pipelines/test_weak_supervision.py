@@ -272,12 +272,16 @@ def test_mask_ious_of_known_shapes():
 def tracking_uri(tmp_path):
     """MLflow pointed at a store in tmp_path for the test, then back where it was."""
     import mlflow
+    from mlflow.tracking import fluent
 
-    before = mlflow.get_tracking_uri()
+    before, experiment = mlflow.get_tracking_uri(), fluent._active_experiment_id
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    # an experiment of this store: the one an earlier test made active is in another store
+    mlflow.set_experiment("weak_supervision_test")
     yield uri
     mlflow.set_tracking_uri(before)
+    fluent._active_experiment_id = experiment
 
 
 @pytest.mark.slow
