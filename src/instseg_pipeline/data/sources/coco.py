@@ -283,14 +283,12 @@ def _require_pseudo_masks(annotations: list[dict], path: Path) -> None:
 
 
 def _box_only_problem(bbox, height: int, width: int) -> tuple[str, str] | None:
-    """``(reason, message)`` for the box of a box-only annotation that cannot make a mask."""
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return "bad_bbox", f"bbox {bbox!r} is not [x, y, w, h]"
-    if not all(_finite_number(v) for v in bbox):
-        return "bad_bbox", f"bbox {list(bbox)} has a non-finite value"
-    if bbox[2] <= 0 or bbox[3] <= 0:
+    """``(reason, message)`` for the box of a box-only annotation that cannot make a mask:
+    `_bbox_problem`'s, with a box of no width or height as ``zero_area_box``."""
+    problem = _bbox_problem(bbox, height, width) if bbox is not None else \
+        ("bad_bbox", f"bbox {bbox!r} is not [x, y, w, h]")
+    if problem and problem[0] == "bad_bbox" and "non-positive" in problem[1]:
         return "zero_area_box", f"bbox {list(bbox)} of a box-only annotation has no area"
-    problem = _bbox_problem(bbox, height, width)
     if problem:
         return problem
     if box_pixels(bbox, height, width) is None:
